@@ -1,0 +1,44 @@
+"""The interface every engine implements, so the HTTP layer never changes when the engine does."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from backends.types import GenerationRequest, TokenEvent
+
+
+@dataclass
+class BackendStats:
+    """Live load figures, exported as metrics and used for admission control."""
+
+    running: int = 0
+    waiting: int = 0
+
+
+class Backend(abc.ABC):
+    """An engine that serves many concurrent generations.
+
+    Lifecycle: constructed cheaply, `load()` (blocking, may take minutes, runs off the event loop),
+    `generate()` any number of times concurrently, `shutdown()`.
+    Cancelling the iterator returned by `generate()` (client disconnect) must abort the request and free
+    its resources; an exception must fail that request alone.
+    """
+
+    name: str = "base"
+
+    @abc.abstractmethod
+    def load(self) -> None:
+        """Load weights and start the engine. Blocking."""
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Yield one TokenEvent per generated token; the last one has `finish_reason` set."""
+
+    @abc.abstractmethod
+    def stats(self) -> BackendStats:
+        """Current running and waiting request counts."""
+
+    def shutdown(self) -> None:
+        """Stop background work. Default: nothing to stop."""

@@ -1,0 +1,85 @@
+"""The contract between the server and every engine: what a generation asks for and what it yields.
+
+The server tokenizes and validates; a backend only turns token ids into a stream of `TokenEvent`s.
+Nothing here knows about HTTP or about response formats.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FinishReason(str, enum.Enum):
+    """LMI's finish reasons (`details.finish_reason`)."""
+
+    LENGTH = "length"
+    EOS_TOKEN = "eos_token"
+    STOP_SEQUENCE = "stop_sequence"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings, already validated and defaulted by the server."""
+
+    max_new_tokens: int = 30
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = disabled
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_sequences: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    top_n_tokens: int = 0
+    prompt_logprobs: bool = False  # LMI `decoder_input_details`
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class Token:
+    """One token as LMI reports it. `log_prob` is log-softmax of the raw logits (before any warping)."""
+
+    id: int
+    text: str
+    log_prob: float | None
+    special: bool = False
+
+
+@dataclass
+class TokenEvent:
+    """What a backend yields: one generated token, and on the last event the finish reason.
+
+    `text` of the token is the exact increment of the output text: it may be "" while a multi-byte
+    character or a possible stop sequence is still pending, and it never contains a matched stop sequence.
+    """
+
+    token: Token
+    top_tokens: list[Token] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    prefill: list[Token] | None = None  # only on the first event, when prompt_logprobs was asked
+    prompt_tokens: int = 0  # filled on the final event
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class BackendError(Exception):
+    """A request failed inside the engine; the message is safe to show to the client."""
+
+
+class RequestRejected(BackendError):
+    """The engine refused a request before generating (e.g. too long for the engine)."""

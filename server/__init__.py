@@ -1,0 +1,1 @@
+"""llm-endpoint HTTP server: config, schemas, routes, formatters."""

@@ -1,0 +1,1 @@
+"""Response formatters: LMI json/jsonlines/sse/TGI and OpenAI chat."""
