@@ -1,0 +1,54 @@
+"""Load a causal LM with transformers for our engine, on the requested device and dtype."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from backends.model_files import ModelFiles
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("option.device=cuda but no CUDA device is available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto`: fp32 on CPU (exact, and what transformers' reference output uses), bf16 on GPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+def load_causal_lm(
+    files: ModelFiles, *, dtype: str, device: str, trust_remote_code: bool = False, revision: str | None = None
+) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target)
+    log.info("loading model weights from %s (%s, %s on %s)", files.path, files.kind, torch_dtype, target)
+    started = time.monotonic()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(files.directory),
+        dtype=torch_dtype,
+        attn_implementation="sdpa",
+        trust_remote_code=trust_remote_code,
+        revision=revision,
+        **files.hf_kwargs(),
+    )
+    model.to(target).eval()
+    params = sum(p.numel() for p in model.parameters())
+    log.info("model loaded in %.1f s: %s, %.1fM parameters", time.monotonic() - started,
+             type(model).__name__, params / 1e6)
+    return model
