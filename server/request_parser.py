@@ -1,0 +1,229 @@
+"""HTTP body -> (GenerationRequest, OutputOptions): decoding, schema validation, defaults, tokenization.
+
+Every rejection is an `InvalidRequest` whose message says what was wrong and what is expected; the
+server turns it into LMI's `{"error": ..., "code": 424}`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from backends.types import GenerationRequest, SamplingParams
+from server.config import ServingConfig
+from server.protocol import (
+    MAX_STOP_SEQUENCES,
+    ChatCompletionRequest,
+    LmiRequest,
+    OutputOptions,
+)
+
+MAX_STOP_SEQUENCE_CHARS = 512
+# curl -d without -H sends form-urlencoded; LMI curl scripts that forget the header still work.
+_JSON_TYPES = ("application/json", "application/x-json", "text/json", "application/x-www-form-urlencoded")
+
+
+class InvalidRequest(Exception):
+    """The payload is unusable; the message is shown to the client with HTTP 424."""
+
+    def __init__(self, message: str, status: int = 424) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    generation: GenerationRequest
+    output: OutputOptions
+
+
+def decode_body(body: bytes, content_type: str | None) -> dict[str, Any]:
+    """LMI decodes a missing content type as JSON and an empty body as `{"inputs": ""}`."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media and media not in _JSON_TYPES and not media.endswith("+json"):
+        raise InvalidRequest(f"unsupported Content-Type {media!r}: expected application/json")
+    if not body.strip():
+        return {"inputs": ""}
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid UTF-8 (byte {exc.start}): expected a UTF-8 JSON object") from None
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(
+            f"request body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): expected a JSON object"
+        ) from None
+    except RecursionError:
+        raise InvalidRequest("request body nests too deeply: expected a flat JSON object") from None
+    if not isinstance(payload, dict):
+        raise InvalidRequest(f"payload is a JSON {type(payload).__name__}: expected a JSON object")
+    return payload
+
+
+def _validation_message(exc: ValidationError) -> str:
+    err = exc.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "payload"
+    if err["type"] == "missing":
+        return f"Invalid request payload: '{loc}' is required"
+    got = err.get("input")
+    shown = repr(got) if not isinstance(got, (dict, list)) or len(str(got)) < 80 else type(got).__name__
+    return f"Invalid request payload: '{loc}': {err['msg']} (got {shown})"
+
+
+def _validate(model: type[BaseModel], payload: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        raise InvalidRequest(_validation_message(exc)) from None
+
+
+def _stop_list(value: str | Sequence[str] | None, field: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    stops = (value,) if isinstance(value, str) else tuple(value)
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise InvalidRequest(f"'{field}' has {len(stops)} entries: at most {MAX_STOP_SEQUENCES} are allowed")
+    for stop in stops:
+        if not stop or len(stop) > MAX_STOP_SEQUENCE_CHARS:
+            raise InvalidRequest(f"'{field}' entries must be non-empty strings of at most {MAX_STOP_SEQUENCE_CHARS} characters")
+    return stops
+
+
+class RequestParser:
+    """Holds what parsing needs: the config (defaults, limits) and the tokenizer."""
+
+    def __init__(self, config: ServingConfig, tokenizer: Any, max_model_len: int) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+
+    def parse(self, payload: dict[str, Any], request_id: str, force_stream: bool = False) -> ParsedRequest:
+        if "messages" in payload:
+            return self._parse_chat(payload, request_id, force_stream)
+        return self._parse_lmi(payload, request_id, force_stream)
+
+    def _tokens(self, text: str, add_special_tokens: bool) -> tuple[int, ...]:
+        ids = tuple(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        if not ids:
+            raise InvalidRequest("the prompt tokenizes to nothing: expected non-empty text")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequest(
+                f"Input too long: the prompt has {len(ids)} tokens, but option.max_model_len is "
+                f"{self.max_model_len} (at most {self.max_model_len - 1} prompt tokens)"
+            )
+        return ids
+
+    def _max_new_tokens(self, requested: int | None, default: int, prompt_len: int, field: str) -> int:
+        room = self.max_model_len - prompt_len
+        if requested is None:
+            return max(1, min(default, room))
+        if requested > self.max_model_len:
+            raise InvalidRequest(
+                f"'{field}'={requested} exceeds option.max_model_len={self.max_model_len}: expected at most {room}"
+            )
+        return max(1, min(requested, room))
+
+    def _parse_lmi(self, payload: dict[str, Any], request_id: str, force_stream: bool) -> ParsedRequest:
+        if "inputs" in payload and not isinstance(payload["inputs"], str):
+            raise InvalidRequest(
+                f"Invalid request payload: the 'inputs' field must be a string (got {type(payload['inputs']).__name__})"
+            )
+        if "parameters" in payload and payload["parameters"] is not None and not isinstance(payload["parameters"], dict):
+            raise InvalidRequest("Invalid request payload: the 'parameters' field must be a JSON object")
+        if payload.get("parameters") is None:
+            payload = {**payload, "parameters": {}}
+        req: LmiRequest = _validate(LmiRequest, payload)
+        if not req.inputs:
+            raise InvalidRequest("Invalid request payload: the 'inputs' field must be a non-empty string")
+        p = req.parameters
+        stream = req.stream or force_stream
+        if p.decoder_input_details and stream:
+            raise InvalidRequest("'decoder_input_details' cannot be used with streaming: set stream to false")
+        ids = self._tokens(req.inputs, add_special_tokens=True)
+        # Greedy unless do_sample or a temperature asks for sampling (LMI >= 0.32); temperature 0 is greedy.
+        do_sample = p.do_sample if p.do_sample is not None else (p.temperature is not None and p.temperature > 0)
+        if p.temperature == 0:
+            do_sample = False
+        params = SamplingParams(
+            max_new_tokens=self._max_new_tokens(
+                p.max_new_tokens, self.config.default_max_new_tokens, len(ids), "parameters.max_new_tokens"
+            ),
+            do_sample=do_sample,
+            temperature=float(p.temperature) if p.temperature else 1.0,
+            top_k=max(p.top_k or 0, 0),
+            top_p=float(p.top_p) if p.top_p is not None else 1.0,
+            repetition_penalty=float(p.repetition_penalty) if p.repetition_penalty is not None else 1.0,
+            seed=p.seed if p.seed is not None else random.getrandbits(63),
+            stop_sequences=_stop_list(p.stop_sequences, "parameters.stop_sequences"),
+            ignore_eos=bool(p.ignore_eos_token),
+            top_n_tokens=p.top_n_tokens or 0,
+            prompt_logprobs=bool(p.decoder_input_details),
+        )
+        tgi = self.config.tgi_compat
+        formatter = self.config.output_formatter or ("sse" if stream and tgi else "jsonlines" if stream else "json")
+        output = OutputOptions(
+            kind="lmi",
+            stream=stream,
+            formatter=formatter,
+            inputs=req.inputs,
+            details=p.details if p.details is not None else tgi,
+            return_full_text=bool(p.return_full_text),
+            tgi_compat=tgi,
+        )
+        return ParsedRequest(GenerationRequest(request_id, ids, params, req.inputs), output)
+
+    def _parse_chat(self, payload: dict[str, Any], request_id: str, force_stream: bool) -> ParsedRequest:
+        req: ChatCompletionRequest = _validate(ChatCompletionRequest, payload)
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(req, name):
+                raise InvalidRequest(f"'{name}' is not supported: expected 0 or absent (use 'repetition_penalty')")
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise InvalidRequest("this model has no chat template: send an LMI body with 'inputs' instead of 'messages'")
+        messages = [
+            {
+                "role": m.role,
+                "content": m.content if isinstance(m.content, str) or m.content is None
+                else "".join(part.text for part in m.content),
+            }
+            for m in req.messages
+        ]
+        try:
+            prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # template errors are the client's message structure, e.g. roles out of order
+            raise InvalidRequest(f"the messages do not fit the model's chat template: {exc}") from None
+        ids = self._tokens(prompt, add_special_tokens=False)
+        temperature = 1.0 if req.temperature is None else float(req.temperature)
+        top_n = (req.top_logprobs or 0) if req.logprobs else 0
+        params = SamplingParams(
+            max_new_tokens=self._max_new_tokens(
+                req.max_completion_tokens or req.max_tokens, self.max_model_len, len(ids), "max_tokens"
+            ),
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else 1.0,
+            top_k=max(req.top_k or 0, 0),
+            top_p=float(req.top_p) if req.top_p is not None else 1.0,
+            repetition_penalty=float(req.repetition_penalty) if req.repetition_penalty is not None else 1.0,
+            seed=req.seed if req.seed is not None else random.getrandbits(63),
+            stop_sequences=_stop_list(req.stop, "stop"),
+            ignore_eos=req.ignore_eos,
+            top_n_tokens=top_n,
+        )
+        stream = req.stream or force_stream
+        formatter = "jsonlines" if self.config.output_formatter == "jsonlines" else ("sse" if stream else "json")
+        output = OutputOptions(
+            kind="chat",
+            stream=stream,
+            formatter=formatter,
+            inputs=prompt,
+            model=req.model or self.config.model_name,
+            logprobs=req.logprobs,
+            top_logprobs=top_n,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        )
+        return ParsedRequest(GenerationRequest(request_id, ids, params, prompt), output)

@@ -1,0 +1,162 @@
+"""One inference call, from a parsed request to formatted chunks: admission, the backend's event stream,
+metrics, and where an error lands (before the first byte: an HTTP error; after it: an in-band error).
+
+Both `/invocations` and the SageMaker runtime routes drive generation through `Generation`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from backends.base import Backend
+from backends.types import BackendError, TokenEvent
+from server.config import ServingConfig
+from server.formatters import make_formatter
+from server.formatters.base import ResponseFormatter
+from server.metrics import Metrics
+from server.request_parser import InvalidRequest, ParsedRequest, RequestParser, decode_body
+
+log = logging.getLogger(__name__)
+
+
+class ModelState(str, enum.Enum):
+    PENDING = "PENDING"
+    HEALTHY = "Healthy"
+    FAILED = "FAILED"
+
+
+class ServiceError(Exception):
+    """An error answered before the response starts, with LMI's status and body shape."""
+
+    def __init__(self, status: int, message: str, error_type: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+
+    def body(self) -> dict[str, Any]:
+        if self.error_type:  # LMI's Java-side errors: {"code", "type", "message"}
+            return {"code": self.status, "type": self.error_type, "message": str(self)}
+        return {"error": str(self), "code": self.status}
+
+
+class MidStreamError(Exception):
+    """Generation failed after the first byte was sent."""
+
+
+class Generation:
+    """A started request: its formatter and its event stream, with the first event already in hand."""
+
+    def __init__(
+        self, parsed: ParsedRequest, formatter: ResponseFormatter, events: AsyncIterator[TokenEvent],
+        first: TokenEvent, arrived: float, metrics: Metrics,
+    ) -> None:
+        self.parsed = parsed
+        self.formatter = formatter
+        self._events = events
+        self._first = first
+        self._arrived = arrived
+        self._metrics = metrics
+
+    @property
+    def stream(self) -> bool:
+        return self.parsed.output.stream
+
+    async def _all_events(self) -> AsyncIterator[TokenEvent]:
+        metrics = self._metrics
+        last = time.monotonic()
+        metrics.ttft.observe(last - self._arrived)
+        event = self._first
+        count = 1
+        yield event
+        try:
+            while not event.finished:
+                event = await self._events.__anext__()
+                now = time.monotonic()
+                metrics.itl.observe(now - last)
+                last = now
+                count += 1
+                yield event
+        except StopAsyncIteration:
+            raise MidStreamError("the engine ended the request without a finish reason") from None
+        except BackendError as exc:
+            raise MidStreamError(str(exc)) from exc
+        finally:
+            metrics.generated_tokens.inc(count)
+            metrics.e2e.observe(time.monotonic() - self._arrived)
+
+    async def chunks(self) -> AsyncIterator[str]:
+        """Formatted chunks as tokens arrive; raises MidStreamError if the engine fails part-way."""
+        async for event in self._all_events():
+            chunk = self.formatter.on_event(event)
+            if chunk:
+                yield chunk
+
+    async def body(self) -> bytes:
+        async for event in self._all_events():
+            self.formatter.on_event(event)
+        return self.formatter.body()
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
+
+
+class InferenceService:
+    """Holds the loaded pieces and turns request bodies into started Generations."""
+
+    def __init__(
+        self, config: ServingConfig, tokenizer: Any, backend: Backend, max_model_len: int
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self.parser = RequestParser(config, tokenizer, max_model_len)
+        self.metrics = Metrics(backend.stats)
+        self.state = ModelState.PENDING
+        self.failure: str | None = None
+
+    def load(self) -> None:
+        """Blocking: load weights. Records the outcome for /ping."""
+        try:
+            self.backend.load()
+        except Exception as exc:
+            self.state, self.failure = ModelState.FAILED, f"{type(exc).__name__}: {exc}"
+            log.exception("model failed to load")
+            return
+        self.state = ModelState.HEALTHY
+        log.info("model %s is ready (backend %s)", self.config.model_name, self.backend.name)
+
+    async def start(
+        self, body: bytes, content_type: str | None, request_id: str, force_stream: bool = False
+    ) -> Generation:
+        """Parse, admit, and wait for the first token. Every failure here is a ServiceError."""
+        arrived = time.monotonic()
+        if self.state is not ModelState.HEALTHY:
+            raise ServiceError(503, f"model {self.config.model_name} is not ready (status {self.state.value})")
+        stats = self.backend.stats()
+        if stats.waiting >= self.config.job_queue_size:
+            raise ServiceError(
+                503, f"Worker queue capacity exceeded for model: {self.config.model_name}", "WlmCapacityException"
+            )
+        try:
+            payload = decode_body(body, content_type)
+            loop = asyncio.get_running_loop()
+            parsed = await loop.run_in_executor(None, self.parser.parse, payload, request_id, force_stream)
+        except InvalidRequest as exc:
+            raise ServiceError(exc.status, str(exc)) from None
+        self.metrics.prompt_tokens.inc(len(parsed.generation.prompt_token_ids))
+        events = self.backend.generate(parsed.generation)
+        try:
+            first = await events.__anext__()
+        except StopAsyncIteration:
+            raise ServiceError(424, "the engine returned no tokens") from None
+        except BackendError as exc:
+            raise ServiceError(424, str(exc)) from None
+        except BaseException:
+            await events.aclose()
+            raise
+        formatter = make_formatter(parsed.output, request_id)
+        return Generation(parsed, formatter, events, first, arrived, self.metrics)
