@@ -1,1 +1,23 @@
 """Response formatters: LMI json/jsonlines/sse/TGI and OpenAI chat."""
+
+from __future__ import annotations
+
+from server.formatters.base import ResponseFormatter
+from server.formatters.chat import ChatChunkFormatter, ChatCompletionFormatter
+from server.formatters.lmi import LmiJsonFormatter, LmiStreamFormatter
+from server.protocol import OutputOptions
+
+
+def make_formatter(options: OutputOptions, request_id: str) -> ResponseFormatter:
+    """The formatter for one request.
+
+    LMI requests follow `options.formatter`, as djl-serving's `get_output_formatter` does (a configured
+    `jsonlines` streams even without `"stream": true`); `tgi_compat` only changes what they write. Chat
+    requests follow `options.stream`, then take SSE unless `jsonlines` was asked for.
+    """
+    if options.kind == "chat":
+        chat_cls = ChatChunkFormatter if options.stream else ChatCompletionFormatter
+        return chat_cls(options, request_id)
+    if options.formatter == "json":
+        return LmiJsonFormatter(options, request_id)
+    return LmiStreamFormatter(options, request_id)

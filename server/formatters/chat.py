@@ -1,0 +1,136 @@
+"""OpenAI chat-completions formatters: `chat.completion` bodies and `chat.completion.chunk` streams.
+
+These follow OpenAI's wire format (as vLLM's server and LMI's async mode do) rather than LMI's classic chat
+formatter, whose quirks would break OpenAI clients: LMI finish reasons, a one-element list for streaming
+`logprobs`, `bytes` built from code points, no `model`, and (before mid-2026) no `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from backends.types import FinishReason, Token, TokenEvent
+from server.formatters.lmi import ERROR_CODE, BufferedFormatter, Framing, dumps, frame, stream_framing
+from server.protocol import OutputOptions
+
+# OpenAI has no finish reason for a failed generation; "error" (LMI's own value) shows the failure where
+# "stop" would pass it off as a normal end. The openai client does not validate the value.
+FINISH_REASONS: dict[FinishReason, str] = {
+    FinishReason.LENGTH: "length",
+    FinishReason.EOS_TOKEN: "stop",
+    FinishReason.STOP_SEQUENCE: "stop",
+    FinishReason.ERROR: "error",
+}
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def _logprob(token: Token) -> dict[str, Any]:
+    """`bytes` is the UTF-8 encoding of the text; a token that completes no character yet has text "" and []."""
+    return {"token": token.text, "logprob": token.log_prob, "bytes": list(token.text.encode())}
+
+
+class _ChatFormatter(BufferedFormatter):
+    """What chat bodies and chunks share: identity, finish reasons, logprobs, usage and the error event."""
+
+    def __init__(self, options: OutputOptions, request_id: str) -> None:
+        super().__init__(options, request_id)
+        self.completion_id = f"chatcmpl-{request_id}"
+        self.created = int(time.time())
+
+    def _finish_reason(self) -> str | None:
+        reason = self.transcript.finish_reason
+        return FINISH_REASONS[reason] if reason else None
+
+    def _logprobs_content(self, token: Token, top_tokens: list[Token]) -> dict[str, Any]:
+        """One `logprobs.content[]` entry: the sampled token and the first `top_logprobs` alternatives."""
+        return _logprob(token) | {"top_logprobs": [_logprob(t) for t in top_tokens[: self.options.top_logprobs]]}
+
+    def _usage(self) -> dict[str, int]:
+        prompt, completion = self.transcript.prompt_tokens, len(self.transcript.tokens)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def on_error(self, message: str) -> str:
+        """An OpenAI error object, `{"error": {"message", "type", "param", "code"}}`.
+
+        The openai client raises `APIError(message)` for a stream event with an `error` key, but takes the
+        message only from an object there (LMI's `{"error": msg, "code": 424}` would surface as a generic
+        "An error occurred during streaming"). SSE ends with `[DONE]` after it, as vLLM does, so clients that
+        read to `[DONE]` stop.
+        """
+        error = {"message": message, "type": "server_error", "param": None, "code": ERROR_CODE}
+        chunk = frame(dumps({"error": error}), self.framing)
+        return chunk + SSE_DONE if self.framing == "sse" else chunk
+
+
+class ChatCompletionFormatter(_ChatFormatter):
+    """Non-streaming: one `chat.completion` object once generation ends."""
+
+    @staticmethod
+    def _framing(options: OutputOptions) -> Framing:
+        return "json"
+
+    def _render(self, event: TokenEvent) -> str:
+        if not event.finished:
+            return ""
+        t = self.transcript
+        logprobs = None
+        if self.options.logprobs:
+            logprobs = {"content": [self._logprobs_content(tok, top) for tok, top in zip(t.tokens, t.top_tokens)]}
+        return dumps({
+            "id": self.completion_id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.options.model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": t.text},
+                "logprobs": logprobs,
+                "finish_reason": self._finish_reason(),
+            }],
+            "usage": self._usage(),
+        })
+
+
+class ChatChunkFormatter(_ChatFormatter):
+    """Streaming `chat.completion.chunk`s as SSE (ending in `[DONE]`) or JSON lines (no `[DONE]`).
+
+    The first chunk carries only the role, as OpenAI's and vLLM's do. A token whose text is still pending
+    ("") sends nothing unless its logprob or the finish reason must go out. With `include_usage`, every
+    chunk has `"usage": null` and a last chunk with no choices carries the counts, as OpenAI documents.
+    """
+
+    _framing = staticmethod(stream_framing)
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        chunk: dict[str, Any] = {
+            "id": self.completion_id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.options.model,
+            "choices": choices,
+        }
+        if self.options.include_usage:
+            chunk["usage"] = usage
+        return frame(dumps(chunk), self.framing)
+
+    @staticmethod
+    def _choice(delta: dict[str, str], logprobs: dict[str, Any] | None, finish_reason: str | None) -> dict[str, Any]:
+        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def _render(self, event: TokenEvent) -> str:
+        out: list[str] = []
+        if len(self.transcript.tokens) == 1:
+            out.append(self._chunk([self._choice({"role": "assistant", "content": ""}, None, None)]))
+        if event.token.text or self.options.logprobs or event.finished:
+            logprobs = None
+            if self.options.logprobs:
+                logprobs = {"content": [self._logprobs_content(event.token, event.top_tokens)]}
+            out.append(self._chunk([self._choice({"content": event.token.text}, logprobs, self._finish_reason())]))
+        if event.finished:
+            if self.options.include_usage:
+                out.append(self._chunk([], self._usage()))
+            if self.framing == "sse":
+                out.append(SSE_DONE)
+        return "".join(out)
