@@ -126,7 +126,7 @@ def create_app(service: InferenceService) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loader = asyncio.get_running_loop().run_in_executor(None, service.load)
+        loader = asyncio.ensure_future(service.load_with_timeout())
         yield
         loader.cancel()
         service.backend.shutdown()

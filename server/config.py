@@ -64,14 +64,12 @@ _OPTION_FIELDS = {
     "gpu_memory_utilization": "gpu_memory_utilization",
     "quantize": "quantize",
     "model_loading_timeout": "model_loading_timeout",
-    "predict_timeout": "predict_timeout",
     "device": "device",
 }
 # Server-level keys: `key` in serving.properties or SERVING_<KEY> in the environment.
 _SERVER_FIELDS = {
     "job_queue_size": "job_queue_size",
     "max_request_size": "max_request_size",
-    "chunked_read_timeout": "chunked_read_timeout",
 }
 # Entry-point translations (LMI's dockerd-entrypoint): applied only when the target is unset.
 _ENV_TRANSLATIONS = {
@@ -110,8 +108,6 @@ class ServingConfig(BaseModel):
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
     quantize: str | None = None
     model_loading_timeout: int = Field(1800, ge=1)
-    predict_timeout: int = Field(240, ge=1)
-    chunked_read_timeout: int = Field(120, ge=1)
     max_request_size: int = Field(64 * 1024 * 1024, ge=1024)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     engine_options: dict[str, str] = Field(default_factory=dict)
@@ -198,12 +194,12 @@ def _infer_model_name(model_id: str, model_dir: Path | None) -> str:
     if model_dir is not None and model_dir == SAGEMAKER_MODEL_DIR:
         return "model"
     base = model_id.rstrip("/")
-    if base.startswith("s3://") or not Path(base).exists():
-        name = base.split("://", 1)[-1]
-    else:
-        name = Path(base).name
-        if name.endswith(".gguf"):
-            name = name[: -len(".gguf")]
+    if "://" in base:
+        name = base.split("://", 1)[1]
+    elif base.startswith(("/", ".", "~")) or Path(base).exists():
+        name = Path(base).name.removesuffix(".gguf")
+    else:  # hub id: org/name
+        name = base
     return re.sub(r"(\W|^_)", "_", name) or "model"
 
 
@@ -256,13 +252,9 @@ def load_config(model_dir: Path | None, environ: Mapping[str, str]) -> ServingCo
         except ValueError:
             props["max_request_size"] = env["SAGEMAKER_MAX_PAYLOAD_IN_MB"]
         origin["max_request_size"] = "max_request_size (env SAGEMAKER_MAX_PAYLOAD_IN_MB)"
-    for name, key in (
-        ("SAGEMAKER_STARTUP_TIMEOUT", "option.model_loading_timeout"),
-        ("SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS", "option.predict_timeout"),
-    ):
-        if name in env:
-            props[key] = env[name]
-            origin[key] = f"{key} (env {name})"
+    if "SAGEMAKER_STARTUP_TIMEOUT" in env:
+        props["option.model_loading_timeout"] = env["SAGEMAKER_STARTUP_TIMEOUT"]
+        origin["option.model_loading_timeout"] = "option.model_loading_timeout (env SAGEMAKER_STARTUP_TIMEOUT)"
 
     values: dict[str, Any] = {}
     engine_options: dict[str, str] = {}

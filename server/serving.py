@@ -126,8 +126,22 @@ class InferenceService:
             self.state, self.failure = ModelState.FAILED, f"{type(exc).__name__}: {exc}"
             log.exception("model failed to load")
             return
+        if self.state is ModelState.FAILED:  # timed out meanwhile: stay failed, as /ping already says
+            return
         self.state = ModelState.HEALTHY
         log.info("model %s is ready (backend %s)", self.config.model_name, self.backend.name)
+
+    async def load_with_timeout(self) -> None:
+        """Load off the event loop; past option.model_loading_timeout the model is reported FAILED."""
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(
+                asyncio.shield(loop.run_in_executor(None, self.load)), self.config.model_loading_timeout
+            )
+        except asyncio.TimeoutError:
+            self.state = ModelState.FAILED
+            self.failure = f"model did not load within option.model_loading_timeout={self.config.model_loading_timeout} s"
+            log.error(self.failure)
 
     async def start(
         self, body: bytes, content_type: str | None, request_id: str, force_stream: bool = False

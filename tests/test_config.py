@@ -1,0 +1,132 @@
+"""LMI configuration precedence, translations and start-up errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.config import ConfigError, RollingBatch, load_config, parse_properties
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_props(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "serving.properties").write_text(text)
+    return tmp_path
+
+
+def test_properties_parser_handles_java_syntax() -> None:
+    props = parse_properties("# comment\n! also comment\noption.a = 1\noption.b:2\noption.c  long \\\n   value\n\n")
+    assert props == {"option.a": "1", "option.b": "2", "option.c": "long value"}
+
+
+def test_serving_properties_beat_option_env_which_beats_tgi_env(tmp_path: Path) -> None:
+    d = write_props(tmp_path, "option.max_rolling_batch_size=4\n")
+    env = {
+        "OPTION_MAX_ROLLING_BATCH_SIZE": "8", "MAX_BATCH_SIZE": "16",
+        "OPTION_DTYPE": "bf16", "HF_MODEL_ID": "/models/x", "OPTION_MODEL_ID": "/models/y",
+    }
+    cfg = load_config(d, env)
+    assert cfg.max_rolling_batch_size == 4
+    assert cfg.dtype == "bf16"
+    assert cfg.model_id == "/models/y"
+
+
+def test_tgi_style_variables_translate_when_lmi_ones_are_unset(tmp_path: Path) -> None:
+    cfg = load_config(tmp_path, {
+        "MAX_BATCH_SIZE": "16", "MAX_CONCURRENT_REQUESTS": "7", "SM_NUM_GPUS": "2",
+        "HF_MODEL_TRUST_REMOTE_CODE": "true", "MAX_BATCH_PREFILL_TOKENS": "512", "ENABLE_CUDA_GRAPHS": "false",
+        "CUDA_MEMORY_FRACTION": "0.5", "HF_MODEL_QUANTIZE": "awq", "HF_REVISION": "abc",
+    })
+    assert (cfg.max_rolling_batch_size, cfg.job_queue_size, cfg.tensor_parallel_degree) == (16, 7, 2)
+    assert cfg.trust_remote_code and cfg.enforce_eager
+    assert (cfg.max_rolling_batch_prefill_tokens, cfg.gpu_memory_utilization, cfg.quantize) == (512, 0.5, "awq")
+    assert cfg.revision == "abc"
+
+
+def test_serving_env_sets_server_keys_and_sagemaker_overrides(tmp_path: Path) -> None:
+    d = write_props(tmp_path, "max_request_size=2048\n")
+    cfg = load_config(d, {"SERVING_JOB_QUEUE_SIZE": "3", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "6",
+                          "SAGEMAKER_STARTUP_TIMEOUT": "99"})
+    assert cfg.job_queue_size == 3
+    assert cfg.max_request_size == 6 * 1024 * 1024
+    assert cfg.model_loading_timeout == 99
+
+
+def test_defaults_and_recommender(tmp_path: Path) -> None:
+    cfg = load_config(tmp_path, {})
+    assert cfg.model_id == str(tmp_path)
+    assert cfg.rolling_batch is RollingBatch.AUTO
+    assert cfg.effective_max_rolling_batch_size == 32
+    assert cfg.job_queue_size == 1000 and cfg.default_max_new_tokens == 30
+    assert load_config(tmp_path, {"OPTION_ROLLING_BATCH": "lmi-dist"}).effective_max_rolling_batch_size == 256
+
+
+def test_lmi_dist_is_vllm_and_unknown_options_pass_through(tmp_path: Path) -> None:
+    cfg = load_config(tmp_path, {"OPTION_ROLLING_BATCH": "lmi-dist", "OPTION_ENABLE_PREFIX_CACHING": "true"})
+    assert cfg.rolling_batch is RollingBatch.VLLM
+    assert cfg.engine_options == {"enable_prefix_caching": "true"}
+
+
+def test_model_name_follows_lmi(tmp_path: Path) -> None:
+    assert load_config(tmp_path, {"HF_MODEL_ID": "org/my-model"}).model_name == "org_my_model"
+    assert load_config(tmp_path / "x", {}).model_name == "x"
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"OPTION_MAX_ROLLING_BATCH_SIZE": "abc"}, "option.max_rolling_batch_size (env OPTION_MAX_ROLLING_BATCH_SIZE)='abc': expected an integer"),
+        ({"OPTION_ROLLING_BATCH": "turbo"}, "option.rolling_batch (env OPTION_ROLLING_BATCH)='turbo': expected one of"),
+        ({"OPTION_DTYPE": "int3"}, "option.dtype (env OPTION_DTYPE)='int3': expected one of auto, fp32"),
+        ({"OPTION_TGI_COMPAT": "maybe"}, "expected true or false"),
+        ({"OPTION_MAX_MODEL_LEN": "0"}, "expected an integer >= 2"),
+        ({"OPTION_GPU_MEMORY_UTILIZATION": "1.5"}, "expected a number"),
+        ({"SERVING_JOB_QUEUE_SIZE": "-1"}, "job_queue_size (env SERVING_JOB_QUEUE_SIZE)='-1'"),
+    ],
+)
+def test_invalid_values_name_option_value_and_allowed(tmp_path: Path, env: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path, env)
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_invalid_value_in_properties_file_is_attributed_to_it(tmp_path: Path) -> None:
+    d = write_props(tmp_path, "option.max_rolling_batch_size=abc\n")
+    with pytest.raises(ConfigError, match=r"option.max_rolling_batch_size \(serving.properties\)='abc'"):
+        load_config(d, {})
+
+
+def _serve(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    import os
+
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OPTION_", "SERVING_"))}
+    full_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--port", "1", *args],
+        cwd=REPO, env=full_env, capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "fragment"),
+    [
+        ([], {"OPTION_MAX_ROLLING_BATCH_SIZE": "abc"}, "option.max_rolling_batch_size"),
+        ([], {"OPTION_ROLLING_BATCH": "fastest"}, "option.rolling_batch"),
+        ([], {"OPTION_ROLLING_BATCH": "trtllm"}, "TensorRT-LLM backend is not available"),
+        (["--model-dir", "/nonexistent/model"], {}, "does not exist"),
+    ],
+)
+def test_serve_refuses_bad_config_with_one_line_and_nonzero_exit(
+    model_dir: Path, args: list[str], env: dict, fragment: str
+) -> None:
+    result = _serve(args or ["--model-dir", str(model_dir)], env)
+    assert result.returncode != 0
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("llm-endpoint: error:")]
+    assert len(error_lines) == 1, result.stderr
+    assert fragment in error_lines[0]
+    assert "Traceback" not in result.stderr
