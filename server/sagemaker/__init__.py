@@ -1,0 +1,1 @@
+"""SageMaker runtime API pieces: the `application/vnd.amazon.eventstream` encoder used by the streaming route."""
