@@ -18,7 +18,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from server.serving import Generation, InferenceService, MidStreamError, ModelState, ServiceError
+from server.sagemaker.routes import add_sagemaker_routes
+from server.serving import InferenceService, ModelState, ServiceError
+from server.transport import error_response, respond, start_generation
 
 log = logging.getLogger(__name__)
 
@@ -65,62 +67,6 @@ class RequestContextMiddleware:
         await self.app(scope, receive, send_with_headers)
 
 
-def error_response(exc: ServiceError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing more than `limit` bytes without buffering them."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise ServiceError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes (max_request_size)")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ServiceError(413, f"request body exceeds the limit of {limit} bytes (max_request_size)")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def wait_for_disconnect(request: Request) -> None:
-    """Returns once the client has gone (only valid after the body was read)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def complete_or_abort(request: Request, generation: Generation) -> bytes | None:
-    """Run a non-streaming generation to the end, aborting it if the client disconnects first."""
-    work = asyncio.ensure_future(generation.body())
-    watcher = asyncio.ensure_future(wait_for_disconnect(request))
-    try:
-        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if work in done:
-        return work.result()
-    work.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await work
-    await generation.aclose()
-    log.info("client disconnected; aborted request %s", generation.parsed.generation.request_id)
-    return None
-
-
-async def lmi_stream(generation: Generation) -> AsyncIterator[str]:
-    try:
-        async for chunk in generation.chunks():
-            yield chunk
-    except MidStreamError as exc:
-        log.warning("request %s failed mid-stream: %s", generation.parsed.generation.request_id, exc)
-        yield generation.formatter.on_error(str(exc))
-    finally:
-        await generation.aclose()
-
-
 def create_app(service: InferenceService) -> FastAPI:
     config = service.config
 
@@ -165,41 +111,23 @@ def create_app(service: InferenceService) -> FastAPI:
         if name is not None and name != config.model_name:
             raise ServiceError(404, f"Model not found: {name}", "ModelNotFoundException")
 
-    async def invoke(request: Request, force_stream: bool = False) -> Response:
-        body = await read_body(request, config.max_request_size)
-        generation = await service.start(
-            body, request.headers.get("content-type"), request.state.request_id, force_stream
-        )
-        # Content-Type is set as a header, not media_type: Starlette would append "; charset=utf-8" to
-        # text/event-stream, and LMI clients compare the header exactly.
-        headers = {"content-type": generation.formatter.content_type}
-        if generation.stream:
-            return StreamingResponse(lmi_stream(generation), headers=headers)
-        content = await complete_or_abort(request, generation)
-        if content is None:
-            return Response(status_code=499)
-        return Response(content, headers=headers)
-
-    async def _invoke_with_errors(request: Request) -> Response:
-        try:
-            return await invoke(request)
-        except MidStreamError as exc:  # non-streaming: nothing was sent yet
-            return error_response(ServiceError(424, str(exc)))
+    async def invoke(request: Request) -> Response:
+        return await respond(request, await start_generation(service, request))
 
     @app.post("/invocations")
     async def invocations(request: Request) -> Response:
         check_model_name(request.query_params.get("model_name") or request.headers.get("model_name"))
-        return await _invoke_with_errors(request)
+        return await invoke(request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await _invoke_with_errors(request)
+        return await invoke(request)
 
     @app.post("/predictions/{model_name}")
     @app.post("/models/{model_name}/invoke")
     async def named_invocations(model_name: str, request: Request) -> Response:
         check_model_name(model_name)
-        return await _invoke_with_errors(request)
+        return await invoke(request)
 
     @app.get("/models")
     async def list_models() -> dict[str, Any]:
@@ -233,6 +161,8 @@ def create_app(service: InferenceService) -> FastAPI:
                 }],
             }],
         }]
+
+    add_sagemaker_routes(app, service)
 
     @app.get("/metrics")
     @app.get("/server/metrics")

@@ -10,7 +10,7 @@ import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
@@ -24,6 +24,13 @@ from server.protocol import (
 )
 
 MAX_STOP_SEQUENCE_CHARS = 512
+Formatter = Literal["json", "jsonlines", "sse"]
+_ACCEPT_FORMATTERS: dict[str, Formatter] = {
+    "application/json": "json",
+    "application/jsonlines": "jsonlines",
+    "application/x-jsonlines": "jsonlines",
+    "text/event-stream": "sse",
+}
 # curl -d without -H sends form-urlencoded; LMI curl scripts that forget the header still work.
 _JSON_TYPES = ("application/json", "application/x-json", "text/json", "application/x-www-form-urlencoded")
 
@@ -103,10 +110,15 @@ class RequestParser:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
 
-    def parse(self, payload: dict[str, Any], request_id: str, force_stream: bool = False) -> ParsedRequest:
+    def parse(
+        self, payload: dict[str, Any], request_id: str, force_stream: bool = False, accept: str | None = None
+    ) -> ParsedRequest:
+        """`force_stream`: stream whatever the body says (InvokeEndpointWithResponseStream); `accept`: the
+        client's preferred media type, which picks the formatter when it names one we have."""
+        wanted = _ACCEPT_FORMATTERS.get((accept or "").split(";", 1)[0].strip().lower())
         if "messages" in payload:
-            return self._parse_chat(payload, request_id, force_stream)
-        return self._parse_lmi(payload, request_id, force_stream)
+            return self._parse_chat(payload, request_id, force_stream, wanted)
+        return self._parse_lmi(payload, request_id, force_stream, wanted)
 
     def _tokens(self, text: str, add_special_tokens: bool) -> tuple[int, ...]:
         ids = tuple(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
@@ -129,7 +141,9 @@ class RequestParser:
             )
         return max(1, min(requested, room))
 
-    def _parse_lmi(self, payload: dict[str, Any], request_id: str, force_stream: bool) -> ParsedRequest:
+    def _parse_lmi(
+        self, payload: dict[str, Any], request_id: str, force_stream: bool, wanted: Formatter | None
+    ) -> ParsedRequest:
         if "inputs" in payload and not isinstance(payload["inputs"], str):
             raise InvalidRequest(
                 f"Invalid request payload: the 'inputs' field must be a string (got {type(payload['inputs']).__name__})"
@@ -166,7 +180,7 @@ class RequestParser:
             prompt_logprobs=bool(p.decoder_input_details),
         )
         tgi = self.config.tgi_compat
-        formatter = self.config.output_formatter or ("sse" if stream and tgi else "jsonlines" if stream else "json")
+        formatter = wanted or self.config.output_formatter or ("sse" if stream and tgi else "jsonlines" if stream else "json")
         output = OutputOptions(
             kind="lmi",
             stream=stream,
@@ -178,7 +192,9 @@ class RequestParser:
         )
         return ParsedRequest(GenerationRequest(request_id, ids, params, req.inputs), output)
 
-    def _parse_chat(self, payload: dict[str, Any], request_id: str, force_stream: bool) -> ParsedRequest:
+    def _parse_chat(
+        self, payload: dict[str, Any], request_id: str, force_stream: bool, wanted: Formatter | None
+    ) -> ParsedRequest:
         req: ChatCompletionRequest = _validate(ChatCompletionRequest, payload)
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(req, name):
@@ -215,7 +231,8 @@ class RequestParser:
             top_n_tokens=top_n,
         )
         stream = req.stream or force_stream
-        formatter = "jsonlines" if self.config.output_formatter == "jsonlines" else ("sse" if stream else "json")
+        jsonlines = (wanted or self.config.output_formatter) == "jsonlines"
+        formatter = "jsonlines" if jsonlines and stream else ("sse" if stream else "json")
         output = OutputOptions(
             kind="chat",
             stream=stream,

@@ -144,7 +144,8 @@ class InferenceService:
             log.error(self.failure)
 
     async def start(
-        self, body: bytes, content_type: str | None, request_id: str, force_stream: bool = False
+        self, body: bytes, content_type: str | None, request_id: str, force_stream: bool = False,
+        accept: str | None = None,
     ) -> Generation:
         """Parse, admit, and wait for the first token. Every failure here is a ServiceError."""
         arrived = time.monotonic()
@@ -158,7 +159,7 @@ class InferenceService:
         try:
             payload = decode_body(body, content_type)
             loop = asyncio.get_running_loop()
-            parsed = await loop.run_in_executor(None, self.parser.parse, payload, request_id, force_stream)
+            parsed = await loop.run_in_executor(None, self.parser.parse, payload, request_id, force_stream, accept)
         except InvalidRequest as exc:
             raise ServiceError(exc.status, str(exc)) from None
         self.metrics.prompt_tokens.inc(len(parsed.generation.prompt_token_ids))

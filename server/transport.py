@@ -1,0 +1,98 @@
+"""HTTP plumbing shared by the LMI and SageMaker routes: bounded body reads, disconnect-aware completion,
+and LMI-shaped error bodies."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from server.serving import Generation, InferenceService, MidStreamError, ServiceError
+
+log = logging.getLogger(__name__)
+
+
+def error_response(exc: ServiceError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing more than `limit` bytes without buffering them."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ServiceError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes (max_request_size)")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ServiceError(413, f"request body exceeds the limit of {limit} bytes (max_request_size)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns once the client has gone (only valid after the body was read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def complete_or_abort(request: Request, generation: Generation) -> bytes | None:
+    """Run a non-streaming generation to the end, aborting it if the client disconnects first."""
+    work = asyncio.ensure_future(generation.body())
+    watcher = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if work in done:
+        return work.result()
+    work.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await work
+    await generation.aclose()
+    log.info("client disconnected; aborted request %s", generation.parsed.generation.request_id)
+    return None
+
+
+async def lmi_stream(generation: Generation) -> AsyncIterator[str]:
+    try:
+        async for chunk in generation.chunks():
+            yield chunk
+    except MidStreamError as exc:
+        log.warning("request %s failed mid-stream: %s", generation.parsed.generation.request_id, exc)
+        yield generation.formatter.on_error(str(exc))
+    finally:
+        await generation.aclose()
+
+
+async def start_generation(
+    service: InferenceService, request: Request, force_stream: bool = False, accept: str | None = None
+) -> Generation:
+    body = await read_body(request, service.config.max_request_size)
+    return await service.start(
+        body, request.headers.get("content-type"), request.state.request_id, force_stream, accept
+    )
+
+
+async def respond(request: Request, generation: Generation, headers: dict[str, str] | None = None) -> Response:
+    """The LMI response: chunked when streaming, else the whole body once generation is done.
+
+    Content-Type is set as a header, not media_type: Starlette would append "; charset=utf-8" to
+    text/event-stream, and LMI clients compare the header exactly."""
+    headers = {**(headers or {}), "content-type": generation.formatter.content_type}
+    if generation.stream:
+        return StreamingResponse(lmi_stream(generation), headers=headers)
+    try:
+        content = await complete_or_abort(request, generation)
+    except MidStreamError as exc:  # nothing was sent yet: a proper error status
+        raise ServiceError(424, str(exc)) from None
+    if content is None:
+        return Response(status_code=499)
+    return Response(content, headers=headers)
