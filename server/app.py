@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from server.sagemaker.routes import add_sagemaker_routes
 from server.serving import InferenceService, ModelState, ServiceError
-from server.transport import error_response, respond, start_generation
+from server.transport import ClientGone, error_response, respond, start_generation
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,12 @@ class RequestContextMiddleware:
             None,
         ) or str(uuid.uuid4())
         scope.setdefault("state", {})["request_id"] = rid
+        started = False
 
         async def send_with_headers(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 headers = MutableHeaders(scope=message)
                 headers["x-request-id"] = rid
                 for name, value in _STATIC_HEADERS.items():
@@ -64,7 +67,15 @@ class RequestContextMiddleware:
                 self.service.metrics.requests.labels(path, str(message["status"])).inc()
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception as exc:
+            # Handled here, inside this middleware, so a 500 also gets its request id, headers and count.
+            log.exception("unhandled error in request %s", rid)
+            if started:
+                raise
+            body = ServiceError(500, f"internal server error: {type(exc).__name__}").body()
+            await JSONResponse(body, status_code=500)(scope, receive, send_with_headers)
 
 
 def create_app(service: InferenceService) -> FastAPI:
@@ -84,6 +95,10 @@ def create_app(service: InferenceService) -> FastAPI:
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
         return error_response(exc)
 
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request"; nobody is left to read it
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "ResourceNotFoundException" if exc.status_code == 404 else "BadRequestException"
@@ -93,11 +108,6 @@ def create_app(service: InferenceService) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(ServiceError(400, f"invalid request: {exc.errors()[0].get('msg')}"))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return error_response(ServiceError(500, f"internal server error: {type(exc).__name__}"))
 
     def status_body() -> dict[str, Any]:
         return {config.model_name: {"status": service.state.value}}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -68,18 +69,42 @@ def decode_body(body: bytes, content_type: str | None) -> dict[str, Any]:
         ) from None
     except RecursionError:
         raise InvalidRequest("request body nests too deeply: expected a flat JSON object") from None
+    except ValueError as exc:  # e.g. an integer literal beyond Python's 4300-digit conversion limit
+        raise InvalidRequest(f"request body has an unusable value ({exc}): expected ordinary JSON numbers") from None
     if not isinstance(payload, dict):
         raise InvalidRequest(f"payload is a JSON {type(payload).__name__}: expected a JSON object")
     return payload
 
 
+# pydantic names union branches in error locations ("temperature.int"); users know only the field.
+_UNION_BRANCH = re.compile(r"^(int|float|str|bool|list\[.*\]|dict\[.*\]|function-.*)$")
+_EXPECTED = {
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+    "float_type": "a number", "float_parsing": "a number", "string_type": "a string",
+    "list_type": "a list", "bool_type": "true or false", "dict_type": "a JSON object",
+    "model_type": "a JSON object", "model_attributes_type": "a JSON object",
+}
+
+
+def _field(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if not _UNION_BRANCH.match(str(p))) or "payload"
+
+
 def _validation_message(exc: ValidationError) -> str:
-    err = exc.errors(include_url=False)[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "payload"
+    errors = exc.errors(include_url=False)
+    err = errors[0]
+    loc = _field(err["loc"])
     if err["type"] == "missing":
         return f"Invalid request payload: '{loc}' is required"
     got = err.get("input")
     shown = repr(got) if not isinstance(got, (dict, list)) or len(str(got)) < 80 else type(got).__name__
+    # A value that fits no branch of a union: list what each branch would have taken.
+    same_field = [e for e in errors if _field(e["loc"]) == loc]
+    kinds = list(dict.fromkeys(_EXPECTED[e["type"]] for e in same_field if e["type"] in _EXPECTED))
+    if len(same_field) > 1 and kinds:
+        if kinds == ["an integer", "a number"]:
+            kinds = ["a number"]
+        return f"Invalid request payload: '{loc}' must be {' or '.join(kinds)} (got {shown})"
     return f"Invalid request payload: '{loc}': {err['msg']} (got {shown})"
 
 
@@ -100,6 +125,17 @@ def _stop_list(value: str | Sequence[str] | None, field: str) -> tuple[str, ...]
         if not stop or len(stop) > MAX_STOP_SEQUENCE_CHARS:
             raise InvalidRequest(f"'{field}' entries must be non-empty strings of at most {MAX_STOP_SEQUENCE_CHARS} characters")
     return stops
+
+
+def _check_unicode(text: str, field: str) -> None:
+    """JSON can escape a lone UTF-16 surrogate ("\\ud800"), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(
+            f"'{field}' contains an unpaired surrogate {text[exc.start]!r} at character {exc.start}: "
+            "expected valid Unicode text"
+        ) from None
 
 
 class RequestParser:
@@ -159,6 +195,7 @@ class RequestParser:
         stream = req.stream or force_stream
         if p.decoder_input_details and stream:
             raise InvalidRequest("'decoder_input_details' cannot be used with streaming: set stream to false")
+        _check_unicode(req.inputs, "inputs")
         ids = self._tokens(req.inputs, add_special_tokens=True)
         # Greedy unless do_sample or a temperature asks for sampling (LMI >= 0.32); temperature 0 is greedy.
         do_sample = p.do_sample if p.do_sample is not None else (p.temperature is not None and p.temperature > 0)
@@ -209,6 +246,9 @@ class RequestParser:
             }
             for m in req.messages
         ]
+        for i, message in enumerate(messages):
+            if message["content"]:
+                _check_unicode(message["content"], f"messages.{i}.content")
         try:
             prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # template errors are the client's message structure, e.g. roles out of order

@@ -16,6 +16,10 @@ from server.serving import Generation, InferenceService, MidStreamError, Service
 log = logging.getLogger(__name__)
 
 
+class ClientGone(Exception):
+    """The client disconnected before there was anything to send."""
+
+
 def error_response(exc: ServiceError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
@@ -75,10 +79,24 @@ async def lmi_stream(generation: Generation) -> AsyncIterator[str]:
 async def start_generation(
     service: InferenceService, request: Request, force_stream: bool = False, accept: str | None = None
 ) -> Generation:
+    """Parse and wait for the first token; a client that leaves while still queued is dropped from the
+    queue rather than keeping its place (raises ClientGone)."""
     body = await read_body(request, service.config.max_request_size)
-    return await service.start(
+    starting = asyncio.ensure_future(service.start(
         body, request.headers.get("content-type"), request.state.request_id, force_stream, accept
-    )
+    ))
+    watcher = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({starting, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if starting in done:
+        return starting.result()
+    starting.cancel()  # aborts the queued request in the engine
+    with contextlib.suppress(asyncio.CancelledError, ServiceError):
+        await starting
+    log.info("client disconnected before its first token; dropped request %s", request.state.request_id)
+    raise ClientGone()
 
 
 async def respond(request: Request, generation: Generation, headers: dict[str, str] | None = None) -> Response:
