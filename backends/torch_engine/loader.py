@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from backends.model_files import ModelFiles
+from backends.torch_engine import attention
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def load_causal_lm(
     model = AutoModelForCausalLM.from_pretrained(
         str(files.directory),
         dtype=torch_dtype,
-        attn_implementation="sdpa",
+        attn_implementation=attention.NAME,
         trust_remote_code=trust_remote_code,
         revision=revision,
         **files.hf_kwargs(),
