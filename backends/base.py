@@ -27,6 +27,8 @@ class Backend(abc.ABC):
     """
 
     name: str = "base"
+    # Whether the engine can report the most likely alternatives per token (top_n_tokens / top_logprobs).
+    supports_top_tokens: bool = True
 
     @abc.abstractmethod
     def load(self) -> None:

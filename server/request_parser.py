@@ -141,10 +141,22 @@ def _check_unicode(text: str, field: str) -> None:
 class RequestParser:
     """Holds what parsing needs: the config (defaults, limits) and the tokenizer."""
 
-    def __init__(self, config: ServingConfig, tokenizer: Any, max_model_len: int) -> None:
+    def __init__(
+        self, config: ServingConfig, tokenizer: Any, max_model_len: int, backend_name: str = "scheduler",
+        supports_top_tokens: bool = True,
+    ) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
+        self.backend_name = backend_name
+        self.supports_top_tokens = supports_top_tokens
+
+    def _check_top_tokens(self, count: int, field: str) -> None:
+        if count and not self.supports_top_tokens:
+            raise InvalidRequest(
+                f"'{field}' is not supported by the {self.backend_name} backend (it reports only the chosen "
+                "token's log-prob): expected 0 or absent"
+            )
 
     def parse(
         self, payload: dict[str, Any], request_id: str, force_stream: bool = False, accept: str | None = None
@@ -196,6 +208,7 @@ class RequestParser:
         if p.decoder_input_details and stream:
             raise InvalidRequest("'decoder_input_details' cannot be used with streaming: set stream to false")
         _check_unicode(req.inputs, "inputs")
+        self._check_top_tokens(p.top_n_tokens or 0, "parameters.top_n_tokens")
         ids = self._tokens(req.inputs, add_special_tokens=True)
         # Greedy unless do_sample or a temperature asks for sampling (LMI >= 0.32); temperature 0 is greedy.
         do_sample = p.do_sample if p.do_sample is not None else (p.temperature is not None and p.temperature > 0)
@@ -253,6 +266,7 @@ class RequestParser:
             prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # template errors are the client's message structure, e.g. roles out of order
             raise InvalidRequest(f"the messages do not fit the model's chat template: {exc}") from None
+        self._check_top_tokens(req.top_logprobs or 0 if req.logprobs else 0, "top_logprobs")
         ids = self._tokens(prompt, add_special_tokens=False)
         temperature = 1.0 if req.temperature is None else float(req.temperature)
         top_n = (req.top_logprobs or 0) if req.logprobs else 0

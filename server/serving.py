@@ -113,7 +113,9 @@ class InferenceService:
     ) -> None:
         self.config = config
         self.backend = backend
-        self.parser = RequestParser(config, tokenizer, max_model_len)
+        self.parser = RequestParser(
+            config, tokenizer, max_model_len, backend.name, backend.supports_top_tokens
+        )
         self.metrics = Metrics(backend.stats)
         self.state = ModelState.PENDING
         self.failure: str | None = None
