@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -147,7 +147,7 @@ def create_app(service: InferenceService) -> FastAPI:
     @app.get("/models/{model_name}")
     async def describe_model(model_name: str) -> list[dict[str, Any]]:
         check_model_name(model_name)
-        stats = service.backend.stats()
+        stats = service.stats()
         return [{
             "workflowName": config.model_name,
             "models": [{

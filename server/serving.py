@@ -10,10 +10,10 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from backends.base import Backend
+from backends.base import Backend, BackendStats
 from backends.types import BackendError, TokenEvent
 from server.config import ServingConfig
 from server.formatters import make_formatter
@@ -53,7 +53,7 @@ class Generation:
 
     def __init__(
         self, parsed: ParsedRequest, formatter: ResponseFormatter, events: AsyncIterator[TokenEvent],
-        first: TokenEvent, arrived: float, metrics: Metrics,
+        first: TokenEvent, arrived: float, metrics: Metrics, release: Callable[[], None],
     ) -> None:
         self.parsed = parsed
         self.formatter = formatter
@@ -61,6 +61,7 @@ class Generation:
         self._first = first
         self._arrived = arrived
         self._metrics = metrics
+        self._release = release  # gives the batch slot back; idempotent
 
     @property
     def stream(self) -> bool:
@@ -86,6 +87,7 @@ class Generation:
         except BackendError as exc:
             raise MidStreamError(str(exc)) from exc
         finally:
+            self._release()
             metrics.generated_tokens.inc(count)
             metrics.e2e.observe(time.monotonic() - self._arrived)
 
@@ -102,7 +104,45 @@ class Generation:
         return self.formatter.body()
 
     async def aclose(self) -> None:
-        await self._events.aclose()
+        try:
+            await self._events.aclose()
+        finally:
+            self._release()
+
+
+class Admission:
+    """LMI's rolling-batch admission, in front of every engine: at most `max_running` requests generate at
+    once; the rest wait in a queue of at most `queue_size` (beyond it: 503, as LMI's job queue)."""
+
+    def __init__(self, max_running: int, queue_size: int) -> None:
+        self.max_running = max_running
+        self.queue_size = queue_size
+        self.waiting = 0
+        self.running = 0
+        self._slots: asyncio.Semaphore | None = None
+
+    async def acquire(self, model_name: str) -> Callable[[], None]:
+        """Wait for a slot; returns the (idempotent) release function. Cancellation leaves the queue."""
+        if self.waiting >= self.queue_size:
+            raise ServiceError(503, f"Worker queue capacity exceeded for model: {model_name}", "WlmCapacityException")
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_running)
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.running -= 1
+                self._slots.release()
+
+        return release
 
 
 class InferenceService:
@@ -116,9 +156,15 @@ class InferenceService:
         self.parser = RequestParser(
             config, tokenizer, max_model_len, backend.name, backend.supports_top_tokens
         )
-        self.metrics = Metrics(backend.stats)
+        self.admission = Admission(config.effective_max_rolling_batch_size, config.job_queue_size)
+        self.metrics = Metrics(self.stats)
         self.state = ModelState.PENDING
         self.failure: str | None = None
+
+    def stats(self) -> BackendStats:
+        """Queue depth counts requests waiting for a slot here and inside the engine."""
+        engine = self.backend.stats()
+        return BackendStats(running=engine.running, waiting=self.admission.waiting + engine.waiting)
 
     def load(self) -> None:
         """Blocking: load weights. Records the outcome for /ping."""
@@ -153,27 +199,26 @@ class InferenceService:
         arrived = time.monotonic()
         if self.state is not ModelState.HEALTHY:
             raise ServiceError(503, f"model {self.config.model_name} is not ready (status {self.state.value})")
-        stats = self.backend.stats()
-        if stats.waiting >= self.config.job_queue_size:
-            raise ServiceError(
-                503, f"Worker queue capacity exceeded for model: {self.config.model_name}", "WlmCapacityException"
-            )
         try:
             payload = decode_body(body, content_type)
             loop = asyncio.get_running_loop()
             parsed = await loop.run_in_executor(None, self.parser.parse, payload, request_id, force_stream, accept)
         except InvalidRequest as exc:
             raise ServiceError(exc.status, str(exc)) from None
+        release = await self.admission.acquire(self.config.model_name)
         self.metrics.prompt_tokens.inc(len(parsed.generation.prompt_token_ids))
         events = self.backend.generate(parsed.generation)
         try:
             first = await events.__anext__()
         except StopAsyncIteration:
+            release()
             raise ServiceError(424, "the engine returned no tokens") from None
         except BackendError as exc:
+            release()
             raise ServiceError(424, str(exc)) from None
         except BaseException:
+            release()
             await events.aclose()
             raise
         formatter = make_formatter(parsed.output, request_id)
-        return Generation(parsed, formatter, events, first, arrived, self.metrics)
+        return Generation(parsed, formatter, events, first, arrived, self.metrics, release)

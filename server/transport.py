@@ -7,13 +7,30 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from server.serving import Generation, InferenceService, MidStreamError, ServiceError
 
 log = logging.getLogger(__name__)
+
+
+class GenerationStream(StreamingResponse):
+    """A streaming response that always closes its generation, even when the client leaves before the
+    body is iterated (then the body generator never starts and its own cleanup would never run)."""
+
+    def __init__(self, content: AsyncIterator[Any], generation: Generation, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.generation = generation
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.generation.aclose()
 
 
 class ClientGone(Exception):
@@ -106,7 +123,7 @@ async def respond(request: Request, generation: Generation, headers: dict[str, s
     text/event-stream, and LMI clients compare the header exactly."""
     headers = {**(headers or {}), "content-type": generation.formatter.content_type}
     if generation.stream:
-        return StreamingResponse(lmi_stream(generation), headers=headers)
+        return GenerationStream(lmi_stream(generation), generation, headers=headers)
     try:
         content = await complete_or_abort(request, generation)
     except MidStreamError as exc:  # nothing was sent yet: a proper error status

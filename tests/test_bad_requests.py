@@ -11,21 +11,17 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
-from tests.conftest import REPO, STARTUP_TIMEOUT_S, RunningServer, free_port
+from tests.conftest import RunningServer, start_server
 
 CHAT = [{"role": "user", "content": "hi"}]
 SMALL_REQUEST_LIMIT = 4096  # bytes, for the 413 checks (the config's minimum is 1024)
@@ -201,7 +197,7 @@ def error_message(res: requests.Response) -> str:
 
 # ---- the stream that runs alongside the table -----------------------------------------------------------------
 
-ALONGSIDE_TOKENS = 200
+ALONGSIDE_TOKENS = 400  # long enough to span the table even where engine steps hold the GIL (OpenVINO)
 
 
 @dataclass
@@ -305,40 +301,11 @@ def test_stream_alongside_the_table_completed_intact(server, alongside: Alongsid
 # ---- 413 and 503: a server with a small body limit and a one-deep queue ---------------------------------------
 
 
-def start_server_with_env(model_dir: Path, log_dir: Path, backend: str, env_extra: dict[str, str]) -> RunningServer:
-    """conftest's start_server sets OPTION_* only; this one also sets SERVING_* variables."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPTION_", "SERVING_", "HF_MODEL"))}
-    env.update(env_extra)
-    env["OPTION_ROLLING_BATCH"] = backend
-    log_path = log_dir / f"server-{backend}-{port}.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--model-dir", str(model_dir),
-             "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-    server = RunningServer(f"http://127.0.0.1:{port}", backend, process, log_path)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_tail()}")
-        try:
-            if requests.get(server.url + "/ping", timeout=2).status_code == 200:
-                return server
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    server.stop()
-    raise RuntimeError(f"server did not become healthy in {STARTUP_TIMEOUT_S} s:\n{server.log_tail()}")
-
-
 @pytest.fixture(scope="module")
 def limited_server(model_dir, backend, tmp_path_factory) -> Iterator[RunningServer]:
-    server = start_server_with_env(
-        model_dir, tmp_path_factory.mktemp("limited-server"), backend,
-        {"SERVING_MAX_REQUEST_SIZE": str(SMALL_REQUEST_LIMIT), "SERVING_JOB_QUEUE_SIZE": "1",
-         "OPTION_MAX_ROLLING_BATCH_SIZE": "1"},
+    server = start_server(
+        model_dir, {"max_rolling_batch_size": "1"}, tmp_path_factory.mktemp("limited-server"), backend,
+        {"SERVING_MAX_REQUEST_SIZE": str(SMALL_REQUEST_LIMIT), "SERVING_JOB_QUEUE_SIZE": "1"},
     )
     yield server
     server.stop()

@@ -17,6 +17,8 @@ from huggingface_hub.inference._generated.types import (
     TextGenerationStreamOutputStreamDetails,
 )
 
+from tests.conftest import NO_TOP_TOKENS
+
 PROMPT = "What is Deep Learning?"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 ANSWER = "The capital of France is Paris."
@@ -138,7 +140,12 @@ def test_openai_streaming_chat(oai) -> None:
     assert all(c.usage is None for c in chunks)  # no include_usage: no usage
 
 
-def test_openai_logprobs(oai, tokenizer, hf_model) -> None:
+def test_openai_logprobs(oai, tokenizer, hf_model, backend) -> None:
+    if backend in NO_TOP_TOKENS:
+        with pytest.raises(openai.APIStatusError) as err:
+            oai.chat.completions.create(model="m", messages=QUESTION, max_tokens=5, logprobs=True, top_logprobs=2)
+        assert err.value.status_code == 424 and "top_logprobs" in err.value.body["error"]
+        return
     res = oai.chat.completions.create(
         model="m", messages=QUESTION, temperature=0, max_tokens=20, logprobs=True, top_logprobs=2
     )
@@ -163,8 +170,9 @@ def test_openai_logprobs(oai, tokenizer, hf_model) -> None:
     assert all(math.isfinite(e.logprob) for e in content)
 
 
-def test_openai_streaming_logprobs_match_non_streaming(oai) -> None:
-    kwargs = dict(model="m", messages=QUESTION, temperature=0, max_tokens=20, logprobs=True, top_logprobs=2)
+def test_openai_streaming_logprobs_match_non_streaming(oai, backend) -> None:
+    top = 0 if backend in NO_TOP_TOKENS else 2
+    kwargs = dict(model="m", messages=QUESTION, temperature=0, max_tokens=20, logprobs=True, top_logprobs=top)
     full = oai.chat.completions.create(**kwargs).choices[0].logprobs.content
     streamed = [
         entry
@@ -174,7 +182,7 @@ def test_openai_streaming_logprobs_match_non_streaming(oai) -> None:
     ]
     assert [e.token for e in streamed] == [e.token for e in full]
     assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in full], abs=1e-5)
-    assert all(len(e.top_logprobs) == 2 for e in streamed)
+    assert all(len(e.top_logprobs) == top for e in streamed)
 
 
 def test_openai_stream_options_include_usage(oai, tokenizer) -> None:

@@ -13,11 +13,11 @@ import re
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from server.sagemaker.eventstream import model_stream_error, payload_part
 from server.serving import Generation, InferenceService, MidStreamError, ServiceError
-from server.transport import respond, start_generation
+from server.transport import GenerationStream, respond, start_generation
 
 log = logging.getLogger(__name__)
 
@@ -114,4 +114,4 @@ def add_sagemaker_routes(app: FastAPI, service: InferenceService) -> None:
         except SageMakerError as exc:
             return exc.response()
         headers["X-Amzn-SageMaker-Content-Type"] = generation.formatter.content_type
-        return StreamingResponse(_event_frames(generation), media_type=EVENTSTREAM, headers=headers)
+        return GenerationStream(_event_frames(generation), generation, media_type=EVENTSTREAM, headers=headers)
