@@ -144,7 +144,7 @@ def test_openai_logprobs(oai, tokenizer, hf_model, backend) -> None:
     if backend in NO_TOP_TOKENS:
         with pytest.raises(openai.APIStatusError) as err:
             oai.chat.completions.create(model="m", messages=QUESTION, max_tokens=5, logprobs=True, top_logprobs=2)
-        assert err.value.status_code == 424 and "top_logprobs" in err.value.body["error"]
+        assert err.value.status_code == 424 and "top_logprobs" in str(err.value.body)
         return
     res = oai.chat.completions.create(
         model="m", messages=QUESTION, temperature=0, max_tokens=20, logprobs=True, top_logprobs=2
