@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
@@ -15,23 +14,6 @@ from backends.torch_engine import attention
 log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def configure_threads() -> int:
-    """Leave one core to the HTTP layer unless OMP_NUM_THREADS says otherwise.
-
-    torch's OpenMP threads wait for each other at every operator; when one of them is descheduled (the
-    event loop formatting a response, a client on the same machine), every matmul stalls for a time slice.
-    On 2 cores a decode step measured 45 ms with one thread against 230-1500 ms with two beside one busy
-    process (scripts/bench.py). vLLM's CPU build keeps a core free for the same reason.
-    """
-    if "OMP_NUM_THREADS" in os.environ:
-        threads = torch.get_num_threads()
-    else:
-        threads = max(1, len(os.sched_getaffinity(0)) - 1)
-        torch.set_num_threads(threads)
-    log.info("torch uses %d compute thread(s)", threads)
-    return threads
 
 
 def resolve_device(device: str) -> torch.device:
@@ -56,7 +38,9 @@ def load_causal_lm(
 
     target = resolve_device(device)
     if target.type == "cpu":
-        configure_threads()
+        # All cores by default; on a machine shared with busy processes set OMP_NUM_THREADS below the core
+        # count: torch's threads wait for each other at every operator, so one descheduled thread stalls all.
+        log.info("torch uses %d compute thread(s) (OMP_NUM_THREADS)", torch.get_num_threads())
     torch_dtype = resolve_dtype(dtype, target)
     log.info("loading model weights from %s (%s, %s on %s)", files.path, files.kind, torch_dtype, target)
     started = time.monotonic()
