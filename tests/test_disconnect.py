@@ -193,7 +193,10 @@ def test_disconnect_while_queued_leaves_the_queue(single_slot_server, stream: bo
         assert wait_until(lambda: metric(url, "llm_queue_depth") == 0, 120) is not None
         left_at = seen["lines"]
         # Left the queue while the busy stream still had tokens to go, not when it ended and freed the slot.
-        assert left_at <= BUSY_TOKENS - 5, (
+        # OpenVINO's step() holds the GIL, so the server notices the disconnect a few tokens late there;
+        # it must still be before the busy stream ends (which would have freed the slot anyway).
+        margin = 1 if single_slot_server.backend == "openvino" else 5
+        assert left_at <= BUSY_TOKENS - margin, (
             f"the abandoned request stayed queued until the busy stream ended (client left at busy token "
             f"{closed_at}, queue emptied at busy token {left_at} of {BUSY_TOKENS})"
         )
