@@ -83,14 +83,13 @@ async def complete_or_abort(request: Request, generation: Generation) -> bytes |
 
 
 async def lmi_stream(generation: Generation) -> AsyncIterator[str]:
+    """LMI chunks; closing the generation is GenerationStream's job."""
     try:
         async for chunk in generation.chunks():
             yield chunk
     except MidStreamError as exc:
         log.warning("request %s failed mid-stream: %s", generation.parsed.generation.request_id, exc)
         yield generation.formatter.on_error(str(exc))
-    finally:
-        await generation.aclose()
 
 
 async def start_generation(

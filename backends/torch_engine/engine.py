@@ -85,6 +85,7 @@ class TorchEngine:
         self._decoder = model.base_model
         self._lm_head = model.get_output_embeddings()
         self._eos_ids = _eos_token_ids(model, tokenizer)
+        self._special_ids = frozenset(tokenizer.all_special_ids)
         param = next(model.parameters())
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.cache = SlotKVCache(
@@ -332,13 +333,6 @@ class TorchEngine:
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-    @property
-    def _special_ids(self) -> frozenset[int]:
-        ids = getattr(self, "_special_cache", None)
-        if ids is None:
-            ids = self._special_cache = frozenset(self.tokenizer.all_special_ids)
-        return ids
 
 
 def _eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
