@@ -52,6 +52,8 @@ _SCHEDULER_KEYS = (
     "enable_prefix_caching", "use_cache_eviction",
 )
 _WEIGHT_FORMATS = ("int8", "int4", "fp16", "fp32")  # optimum-cli --weight-format
+# How long the engine thread waits for an event loop to take a step's tokens before stepping on regardless.
+_HANDOFF_TIMEOUT_S = 0.02
 _Status = ov_genai.GenerationStatus
 _Finish = ov_genai.GenerationFinishReason
 
@@ -95,26 +97,9 @@ class OpenVinoBackend(Backend):
         self._stats = BackendStats()
 
     def load(self) -> None:
-        path = self._model_path()
-        properties = {}
-        if self._config.dtype in _PRECISION_HINTS:
-            properties["INFERENCE_PRECISION_HINT"] = _PRECISION_HINTS[self._config.dtype]
-        scheduler = scheduler_config(self._config)
-        log.info("loading %s on OpenVINO %s, scheduler: %s", path, _DEVICE, scheduler.to_string().strip())
-        self._pipe = ov_genai.ContinuousBatchingPipeline(str(path), scheduler, _DEVICE, properties)
+        self._pipe = create_pipeline(self._config, self._files)
         self._thread = threading.Thread(target=self._run, name="openvino-engine", daemon=True)
         self._thread.start()
-
-    def _model_path(self) -> Path:
-        files, quantize = self._files, self._config.quantize
-        if files.kind == "hf":
-            weight_format = quantize or ("fp32" if self._config.dtype == "fp32" else "fp16")
-            if weight_format not in _WEIGHT_FORMATS:
-                raise ConfigError(f"invalid option.quantize={quantize!r} for openvino: expected int8 or int4")
-            return convert_to_ir(files.directory, weight_format)
-        if quantize:
-            log.warning("option.quantize=%s ignored: %s already holds its weights' format", quantize, files.path)
-        return files.path
 
     def stats(self) -> BackendStats:
         queued = self._submitted - self._admitted
@@ -276,18 +261,29 @@ class OpenVinoBackend(Backend):
 
 
 def _deliver(outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Request, Any]]]) -> None:
-    """Hand this step's events to their requests: one thread-safe wake-up per event loop."""
+    """Hand this step's events to their requests (one thread-safe wake-up per event loop), then wait, briefly,
+    until each loop has let the woken requests run.
+
+    `step()` holds the GIL: without the wait the next step would start first, every token would reach its
+    client a whole step late, and the loop's work would then run beside the engine's compute threads.
+    """
+    flushed = []
     for loop, items in outbox.items():
+        done = threading.Event()
         try:
-            loop.call_soon_threadsafe(_put_all, items)
+            loop.call_soon_threadsafe(_put_all, loop, items, done)
         except RuntimeError:  # that loop has closed: nobody is waiting any more
-            pass
+            continue
+        flushed.append(done)
     outbox.clear()
+    for done in flushed:
+        done.wait(_HANDOFF_TIMEOUT_S)
 
 
-def _put_all(items: list[tuple[_Request, Any]]) -> None:
+def _put_all(loop: asyncio.AbstractEventLoop, items: list[tuple[_Request, Any]], done: threading.Event) -> None:
     for req, item in items:
         req.events.put_nowait(item)
+    loop.call_soon(done.set)  # queued behind the requests just woken, so it runs once they have
 
 
 def generation_config(req: _Request) -> Any:
@@ -308,6 +304,30 @@ def generation_config(req: _Request) -> Any:
         # GenAI's default seed is a constant 0: every unseeded request would draw the same samples.
         config.rng_seed = params.seed if params.seed is not None else random.getrandbits(32)
     return config
+
+
+def create_pipeline(config: ServingConfig, files: ModelFiles) -> Any:
+    """The ContinuousBatchingPipeline `config` asks for (also what scripts/bench_direct.py drives directly)."""
+    path = model_path(config, files)
+    properties = {}
+    if config.dtype in _PRECISION_HINTS:
+        properties["INFERENCE_PRECISION_HINT"] = _PRECISION_HINTS[config.dtype]
+    scheduler = scheduler_config(config)
+    log.info("loading %s on OpenVINO %s, scheduler: %s", path, _DEVICE, scheduler.to_string().strip())
+    return ov_genai.ContinuousBatchingPipeline(str(path), scheduler, _DEVICE, properties)
+
+
+def model_path(config: ServingConfig, files: ModelFiles) -> Path:
+    """What OpenVINO loads: the .gguf file or IR directory as given, an HF directory's (cached) IR."""
+    quantize = config.quantize
+    if files.kind == "hf":
+        weight_format = quantize or ("fp32" if config.dtype == "fp32" else "fp16")
+        if weight_format not in _WEIGHT_FORMATS:
+            raise ConfigError(f"invalid option.quantize={quantize!r} for openvino: expected int8 or int4")
+        return convert_to_ir(files.directory, weight_format)
+    if quantize:
+        log.warning("option.quantize=%s ignored: %s already holds its weights' format", quantize, files.path)
+    return files.path
 
 
 def scheduler_config(config: ServingConfig) -> Any:

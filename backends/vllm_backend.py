@@ -61,12 +61,7 @@ class VllmBackend(Backend):
         self._waiting = 0  # requests that have not produced a token yet
 
     def load(self) -> None:
-        if current_platform.is_cpu() and self._config.gpu_memory_utilization is None:
-            for name, value in _CPU_ENV_DEFAULTS.items():
-                os.environ.setdefault(name, value)
-        args = engine_args(self._config, self._files, self._max_model_len)
-        log.info("starting vLLM engine: %s", args)
-        self._engine = AsyncLLM.from_engine_args(args)
+        self._engine = create_engine(self._config, self._files, self._max_model_len)
 
     def stats(self) -> BackendStats:
         if self._engine is None:
@@ -201,6 +196,22 @@ def sampling_params(params: SamplingParams) -> Any:
         prompt_logprobs=1 if params.prompt_logprobs else None,
         output_kind=RequestOutputKind.DELTA,
     )
+
+
+def create_engine(config: ServingConfig, files: ModelFiles, max_model_len: int) -> Any:
+    """The AsyncLLM `config` asks for (also what scripts/bench_direct.py drives directly)."""
+    for name, value in engine_env(config).items():
+        os.environ.setdefault(name, value)
+    args = engine_args(config, files, max_model_len)
+    log.info("starting vLLM engine: %s", args)
+    return AsyncLLM.from_engine_args(args)
+
+
+def engine_env(config: ServingConfig) -> dict[str, str]:
+    """Environment defaults vLLM reads at start-up; applied where the user has not set them."""
+    if current_platform.is_cpu() and config.gpu_memory_utilization is None:
+        return dict(_CPU_ENV_DEFAULTS)
+    return {}
 
 
 def engine_args(config: ServingConfig, files: ModelFiles, max_model_len: int) -> Any:

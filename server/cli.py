@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from server.config import SAGEMAKER_MODEL_DIR, ConfigError, ServingConfig, load_config
 
@@ -42,12 +43,14 @@ def _model_dir(arg: str | None) -> Path | None:
     return prepare_demo_model()
 
 
-def build_service(config: ServingConfig):  # -> InferenceService; imports deferred to keep `--help` fast
+def prepare_model(config: ServingConfig) -> tuple[Any, Any, int]:
+    """(ModelFiles, tokenizer, max_model_len) for `config`, as every engine is given them.
+
+    Also used by scripts/bench_direct.py, so the engines it calls directly are set up exactly as served.
+    """
     from backends.model_files import ModelFilesError, load_tokenizer, locate_model, model_max_length
-    from backends.registry import BackendUnavailable, create_backend
-    from server.model_store import ModelLocationError, resolve_model_location
     from server.demo_model import cache_root
-    from server.serving import InferenceService
+    from server.model_store import ModelLocationError, resolve_model_location
 
     try:
         location = resolve_model_location(config.model_id, cache_root() / "models")
@@ -59,6 +62,14 @@ def build_service(config: ServingConfig):  # -> InferenceService; imports deferr
     max_model_len = config.max_model_len or model_len or 4096
     if model_len and config.max_model_len and config.max_model_len > model_len:
         log.warning("option.max_model_len=%d exceeds the model's %d positions", config.max_model_len, model_len)
+    return files, tokenizer, max_model_len
+
+
+def build_service(config: ServingConfig):  # -> InferenceService; imports deferred to keep `--help` fast
+    from backends.registry import BackendUnavailable, create_backend
+    from server.serving import InferenceService
+
+    files, tokenizer, max_model_len = prepare_model(config)
     try:
         backend = create_backend(config, files, tokenizer, max_model_len)
     except BackendUnavailable as exc:

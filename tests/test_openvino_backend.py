@@ -23,7 +23,7 @@ import openvino as ov  # noqa: E402
 import openvino_genai as ov_genai  # noqa: E402
 
 from backends.model_files import load_tokenizer, locate_model  # noqa: E402
-from backends.openvino_backend import OpenVinoBackend, ir_cache_dir, scheduler_config  # noqa: E402
+from backends.openvino_backend import OpenVinoBackend, ir_cache_dir, model_path, scheduler_config  # noqa: E402
 from backends.types import FinishReason, GenerationRequest, RequestRejected, SamplingParams  # noqa: E402
 from server.config import ConfigError, ServingConfig  # noqa: E402
 
@@ -242,5 +242,5 @@ async def test_hf_directory_is_exported_once(model_dir: Path, tokenizer, hf_mode
     expected = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
     assert [e.token.log_prob for e in events] == pytest.approx(expected[len(prompt_ids) - 1 :], abs=2e-3)
     assert [t.log_prob for t in events[0].prefill[1:]] == pytest.approx(expected[: len(prompt_ids) - 1], abs=2e-3)
-    again = OpenVinoBackend(config, locate_model(str(model_dir)), tokenizer, MAX_MODEL_LEN)
-    assert again._model_path() == ir and (ir / "openvino_model.xml").stat().st_mtime_ns == stamp
+    assert model_path(config, locate_model(str(model_dir))) == ir
+    assert (ir / "openvino_model.xml").stat().st_mtime_ns == stamp
