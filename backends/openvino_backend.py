@@ -126,7 +126,8 @@ class OpenVinoBackend(Backend):
             request=request,
             loop=asyncio.get_running_loop(),
             events=asyncio.Queue(),
-            text=TextAssembler(self._tokenizer, request.prompt_token_ids, request.params.stop_sequences),
+            text=TextAssembler(self._tokenizer, request.prompt_token_ids, request.params.stop_sequences,
+                               special_ids=self._special_ids),
             # Like vLLM: generation ends with `length` at the context limit.
             max_new_tokens=min(request.params.max_new_tokens, self._max_model_len - prompt_len),
         )

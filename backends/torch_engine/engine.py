@@ -85,7 +85,7 @@ class TorchEngine:
         self._decoder = model.base_model
         self._lm_head = model.get_output_embeddings()
         self._eos_ids = _eos_token_ids(model, tokenizer)
-        self._special_ids = frozenset(tokenizer.all_special_ids)
+        self.special_ids = frozenset(tokenizer.all_special_ids)
         param = next(model.parameters())
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.cache = SlotKVCache(
@@ -329,7 +329,7 @@ class TorchEngine:
         seq.deliver(event)
 
     def _is_special(self, token_id: int) -> bool:
-        return token_id in self._special_ids
+        return token_id in self.special_ids
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -432,7 +432,8 @@ class TorchBackend(Backend):
         seq = _Sequence(
             request=request,
             deliver=deliver,
-            assembler=TextAssembler(self.tokenizer, request.prompt_token_ids, params.stop_sequences),
+            assembler=TextAssembler(self.tokenizer, request.prompt_token_ids, params.stop_sequences,
+                                    special_ids=engine.special_ids),
             generator=generator,
         )
         engine.submit(seq)
