@@ -1,9 +1,12 @@
-"""OpenVINO GenAI's ContinuousBatchingPipeline, stepped by one engine thread.
+"""OpenVINO GenAI's ContinuousBatchingPipeline, run in its own process.
 
-The pipeline is not asyncio-aware and `step()` holds the GIL while it runs, so one thread owns it: it takes
-new requests and aborts from a command queue between steps, steps while anything is unfinished, reads each
-request's new token ids and log-probs, turns them into text (our TextAssembler: stop sequences are ours,
-not the engine's), and hands the events to the requests' asyncio queues, one wake-up per event loop per step.
+`step()` holds the GIL for the whole step, so a pipeline stepped inside the server process stalls the event
+loop for every step (and every token then waits for the next step to reach its client). The pipeline lives
+in a child process instead, which does nothing but step it: it takes new requests and aborts between steps,
+steps while anything is unfinished, and after each step sends every request's new token ids, log-probs and
+status back in one message. In the server process a reader thread turns those into text (our TextAssembler:
+stop sequences are ours, not the engine's) and hands the events to the requests' asyncio queues, one
+wake-up per event loop per step, while the child already computes the next step.
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ import asyncio
 import hashlib
 import itertools
 import logging
+import multiprocessing
 import os
-import queue
 import random
 import shutil
 import subprocess
@@ -21,6 +24,7 @@ import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -52,26 +56,32 @@ _SCHEDULER_KEYS = (
     "enable_prefix_caching", "use_cache_eviction",
 )
 _WEIGHT_FORMATS = ("int8", "int4", "fp16", "fp32")  # optimum-cli --weight-format
-# How long the engine thread waits for an event loop to take a step's tokens before stepping on regardless.
-_HANDOFF_TIMEOUT_S = 0.02
-_Status = ov_genai.GenerationStatus
-_Finish = ov_genai.GenerationFinishReason
 
 
 @dataclass(eq=False)
 class _Request:
-    """One generation as the engine thread sees it; only that thread touches it after submission."""
+    """One generation as the server process sees it; after submission only the reader thread touches
+    `text`, `started`, `done` and `prefill`."""
 
     key: int
     request: GenerationRequest
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[list[TokenEvent] | BackendError]
     text: TextAssembler
-    max_new_tokens: int
-    handle: Any = None
     started: bool = False
     done: bool = False
     prefill: list[Token] = field(default_factory=list)
+
+
+@dataclass
+class _Output:
+    """What one step produced for one request, as the engine process sends it."""
+
+    key: int
+    ids: list[int]
+    log_probs: list[float]
+    finish_reason: str  # GenerationFinishReason name: NONE, LENGTH, STOP
+    status: str  # GenerationStatus name: RUNNING, FINISHED, IGNORED, CANCEL, STOP
 
 
 class OpenVinoBackend(Backend):
@@ -86,35 +96,65 @@ class OpenVinoBackend(Backend):
         self._tokenizer = tokenizer
         self._max_model_len = max_model_len
         self._special_ids = frozenset(tokenizer.all_special_ids)
-        self._pipe: Any = None
-        self._thread: threading.Thread | None = None
-        self._commands: queue.SimpleQueue[_Request | int | None] = queue.SimpleQueue()
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._commands: Connection | None = None  # to the engine process; senders hold _send_lock
+        self._results: Connection | None = None  # from it; only the reader thread receives
+        self._send_lock = threading.Lock()
+        self._reader: threading.Thread | None = None
         self._keys = itertools.count()
-        self._active: dict[int, _Request] = {}  # engine thread only
-        # Single-writer counters, so stats() needs no lock: submitted by the event loop, admitted by the engine.
-        self._submitted = 0
-        self._admitted = 0
-        self._stats = BackendStats()
+        self._active: dict[int, _Request] = {}
+        self.engine_has_requests = False  # whether the pipeline itself still held requests after its last step
+        self._running = False  # the engine process is up and its results are being read
 
     def load(self) -> None:
-        self._pipe = create_pipeline(self._config, self._files)
-        self._thread = threading.Thread(target=self._run, name="openvino-engine", daemon=True)
-        self._thread.start()
+        path = model_path(self._config, self._files)
+        scheduler_config(self._config)  # a bad option is a start-up error here, not in the child
+        context = multiprocessing.get_context("spawn")
+        commands, self._commands = context.Pipe(duplex=False)
+        self._results, results = context.Pipe(duplex=False)
+        self._process = context.Process(
+            target=_engine_process, name="openvino-engine", daemon=True,
+            args=(self._config, path, commands, results, logging.getLogger().getEffectiveLevel()),
+        )
+        self._process.start()
+        commands.close()
+        results.close()
+        try:
+            ready = self._results.recv()
+        except EOFError:
+            raise BackendError(f"the OpenVINO engine process exited ({self._process.exitcode}) while loading") from None
+        if ready != "ready":
+            raise BackendError(f"OpenVINO could not load {path}: {ready}")
+        self._running = True
+        self._reader = threading.Thread(target=self._read, name="openvino-reader", daemon=True)
+        self._reader.start()
 
     def stats(self) -> BackendStats:
-        queued = self._submitted - self._admitted
-        return BackendStats(running=self._stats.running, waiting=self._stats.waiting + queued)
+        waiting = sum(1 for req in list(self._active.values()) if not req.started)
+        return BackendStats(running=len(self._active) - waiting, waiting=waiting)
 
     def shutdown(self) -> None:
-        if self._thread is not None:
-            self._commands.put(None)
-            self._thread.join()
-            self._thread = None
-        self._pipe = None
+        if self._process is None:
+            return
+        try:
+            self._send(None)
+        except OSError:
+            pass
+        self._process.join(timeout=10)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        if self._reader is not None:
+            self._reader.join(timeout=10)
+        self._process = None
+
+    def _send(self, command: Any) -> None:
+        with self._send_lock:
+            self._commands.send(command)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        if self._thread is None:
-            raise BackendError("the OpenVINO engine is not loaded")
+        if not self._running:
+            raise BackendError("the OpenVINO engine is not running")
         prompt_len = len(request.prompt_token_ids)
         if prompt_len >= self._max_model_len:
             raise RequestRejected(
@@ -128,11 +168,15 @@ class OpenVinoBackend(Backend):
             events=asyncio.Queue(),
             text=TextAssembler(self._tokenizer, request.prompt_token_ids, request.params.stop_sequences,
                                special_ids=self._special_ids),
-            # Like vLLM: generation ends with `length` at the context limit.
-            max_new_tokens=min(request.params.max_new_tokens, self._max_model_len - prompt_len),
         )
-        self._submitted += 1
-        self._commands.put(req)
+        self._active[req.key] = req
+        # Like vLLM: generation ends with `length` at the context limit.
+        max_new_tokens = min(request.params.max_new_tokens, self._max_model_len - prompt_len)
+        try:
+            self._send(("add", req.key, list(request.prompt_token_ids), generation_settings(request, max_new_tokens)))
+        except OSError:  # the engine process has just died; the reader is failing what was open
+            self._active.pop(req.key, None)
+            raise BackendError("the OpenVINO engine is not running") from None
         finished = False
         try:
             while not finished:
@@ -144,84 +188,63 @@ class OpenVinoBackend(Backend):
                     finished = event.finished
                     yield event
         finally:
-            if not finished:
-                self._commands.put(req.key)
+            if self._active.pop(req.key, None) is not None and not finished:
+                self._abort(req.key)
 
-    # ---- engine thread ----
+    def _abort(self, key: int) -> None:
+        try:
+            self._send(("cancel", key))
+        except OSError:  # the engine process is gone; the reader fails everything
+            pass
 
-    def _run(self) -> None:
+    # ---- reader thread ----
+
+    def _read(self) -> None:
         outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Request, Any]]] = defaultdict(list)
         try:
-            while self._take_commands(block=not self._busy(), outbox=outbox):
-                if self._busy():  # also steps once more after an abort, so the engine frees that request
-                    try:
-                        self._pipe.step()
-                    except Exception:
-                        log.exception("OpenVINO step failed; failing its requests")
-                        for req in list(self._active.values()):
-                            self._fail(req, outbox, BackendError("the engine failed while generating"))
-                    else:
-                        for req in list(self._active.values()):
-                            self._collect(req, outbox)
-                self._publish_stats()
-                _deliver(outbox)
-        except Exception:
-            log.exception("the OpenVINO engine thread failed")
-        finally:
-            for req in list(self._active.values()):
-                self._fail(req, outbox, BackendError("the engine stopped"))
-            while not self._commands.empty():
-                if isinstance(command := self._commands.get_nowait(), _Request):
-                    outbox[command.loop].append((command, BackendError("the engine stopped")))
-            self._publish_stats()
-            _deliver(outbox)
-
-    def _busy(self) -> bool:
-        return bool(self._active) or self._pipe.has_non_finished_requests()
-
-    def _take_commands(self, block: bool, outbox: dict) -> bool:
-        """Apply queued submissions and aborts; False on shutdown. Blocks only while idle."""
-        try:
-            command = self._commands.get(block=block)
             while True:
-                if command is None:
-                    return False
-                if isinstance(command, _Request):
-                    self._admit(command, outbox)
-                elif (req := self._active.get(command)) is not None:
-                    req.handle.cancel()
-                    del self._active[req.key]
-                command = self._commands.get_nowait()
-        except queue.Empty:
-            return True
+                message = self._results.recv()
+                kind = message[0]
+                if kind == "step":
+                    _, outputs, self.engine_has_requests = message
+                    for output in outputs:
+                        if (req := self._active.get(output.key)) is not None:
+                            self._collect(req, output, outbox)
+                elif kind == "rejected":
+                    _, key, reason = message
+                    if (req := self._active.pop(key, None)) is not None:
+                        outbox[req.loop].append((req, RequestRejected(f"the engine refused the request: {reason}")))
+                elif kind == "failed":
+                    log.error("OpenVINO step failed: %s", message[1])
+                    self._fail_all(outbox, "the engine failed while generating")
+                _deliver(outbox)
+        except (EOFError, OSError):
+            pass  # the engine process has exited (shutdown, or a crash)
+        except Exception:
+            log.exception("the OpenVINO reader thread failed")
+        self._running = False
+        self._fail_all(outbox, "the engine stopped")
+        _deliver(outbox)
 
-    def _admit(self, req: _Request, outbox: dict) -> None:
-        self._admitted += 1
-        ids = ov.Tensor(np.asarray([req.request.prompt_token_ids], dtype=np.int64))
-        try:
-            req.handle = self._pipe.add_request(req.key, ids, generation_config(req))
-        except Exception as exc:
-            log.warning("OpenVINO refused request %s: %s", req.request.request_id, exc)
-            outbox[req.loop].append((req, RequestRejected(f"the engine refused the request: {exc}")))
-            return
-        self._active[req.key] = req
+    def _fail_all(self, outbox: dict, reason: str) -> None:
+        for key in list(self._active):
+            if (req := self._active.pop(key, None)) is not None:
+                outbox[req.loop].append((req, BackendError(reason)))
 
-    def _collect(self, req: _Request, outbox: dict) -> None:
+    def _collect(self, req: _Request, output: _Output, outbox: dict) -> None:
         """Turn what the engine produced for `req` this step into events."""
-        events: list[TokenEvent] = []
-        while not req.done and req.handle.can_read():
-            for output in req.handle.read().values():  # one sequence: no beams, n == 1
-                events.extend(self._token_events(req, output))
+        events = self._token_events(req, output) if output.ids else []
         if events:
             outbox[req.loop].append((req, events))
         if req.done:
-            del self._active[req.key]
-        elif req.handle.get_status() != _Status.RUNNING:
+            return
+        if output.status != "RUNNING":
             # IGNORED: the scheduler dropped it, e.g. no KV cache left for it.
-            self._fail(req, outbox, BackendError(f"the engine dropped the request ({req.handle.get_status().name})"))
+            self._active.pop(req.key, None)
+            outbox[req.loop].append((req, BackendError(f"the engine dropped the request ({output.status})")))
 
-    def _token_events(self, req: _Request, output: Any) -> list[TokenEvent]:
-        ids, log_probs = list(output.generated_ids), list(output.generated_log_probs)
+    def _token_events(self, req: _Request, output: _Output) -> list[TokenEvent]:
+        ids, log_probs = output.ids, output.log_probs
         if req.request.params.prompt_logprobs and not req.started:
             # echo=True puts the prompt first; its first position has no log-prob.
             n = len(req.request.prompt_token_ids) - len(req.prefill)
@@ -235,9 +258,9 @@ class OpenVinoBackend(Backend):
             finish = None
             if matched:
                 finish = FinishReason.STOP_SEQUENCE
-                req.handle.stop()
-            elif i == len(ids) - 1 and output.finish_reason != _Finish.NONE:
-                finish = FinishReason.LENGTH if output.finish_reason == _Finish.LENGTH else FinishReason.EOS_TOKEN
+                self._abort(req.key)
+            elif i == len(ids) - 1 and output.finish_reason != "NONE":
+                finish = FinishReason.LENGTH if output.finish_reason == "LENGTH" else FinishReason.EOS_TOKEN
                 text += req.text.finish()
             event = TokenEvent(Token(tid, text, lp, tid in self._special_ids), finish_reason=finish)
             if not req.started:
@@ -248,68 +271,127 @@ class OpenVinoBackend(Backend):
             if finish is not None:
                 event.prompt_tokens = len(req.request.prompt_token_ids)
                 req.done = True
+                self._active.pop(req.key, None)
                 break
         return events
 
-    def _fail(self, req: _Request, outbox: dict, error: BackendError) -> None:
-        req.handle.cancel()
-        self._active.pop(req.key, None)
-        outbox[req.loop].append((req, error))
-
-    def _publish_stats(self) -> None:
-        waiting = sum(1 for req in self._active.values() if not req.started)
-        self._stats = BackendStats(running=len(self._active) - waiting, waiting=waiting)
-
 
 def _deliver(outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Request, Any]]]) -> None:
-    """Hand this step's events to their requests (one thread-safe wake-up per event loop), then wait, briefly,
-    until each loop has let the woken requests run.
-
-    `step()` holds the GIL: without the wait the next step would start first, every token would reach its
-    client a whole step late, and the loop's work would then run beside the engine's compute threads.
-    """
-    flushed = []
+    """Hand this step's events to their requests: one thread-safe wake-up per event loop."""
     for loop, items in outbox.items():
-        done = threading.Event()
         try:
-            loop.call_soon_threadsafe(_put_all, loop, items, done)
+            loop.call_soon_threadsafe(_put_all, items)
         except RuntimeError:  # that loop has closed: nobody is waiting any more
-            continue
-        flushed.append(done)
+            pass
     outbox.clear()
-    for done in flushed:
-        done.wait(_HANDOFF_TIMEOUT_S)
 
 
-def _put_all(loop: asyncio.AbstractEventLoop, items: list[tuple[_Request, Any]], done: threading.Event) -> None:
+def _put_all(items: list[tuple[_Request, Any]]) -> None:
     for req, item in items:
         req.events.put_nowait(item)
-    loop.call_soon(done.set)  # queued behind the requests just woken, so it runs once they have
 
 
-def generation_config(req: _Request) -> Any:
-    params = req.request.params
-    config = ov_genai.GenerationConfig()
-    config.max_new_tokens = req.max_new_tokens
-    config.ignore_eos = params.ignore_eos
-    config.repetition_penalty = params.repetition_penalty
-    # 1 = the chosen token's log-prob, from the raw distribution; GenAI returns no top-n alternatives.
-    config.logprobs = 1
-    config.echo = params.prompt_logprobs
+def generation_settings(request: GenerationRequest, max_new_tokens: int) -> dict[str, Any]:
+    """GenerationConfig fields for one request (plain values: they cross to the engine process)."""
+    params = request.params
+    settings: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "ignore_eos": params.ignore_eos,
+        "repetition_penalty": params.repetition_penalty,
+        # 1 = the chosen token's log-prob, from the raw distribution; GenAI returns no top-n alternatives.
+        "logprobs": 1,
+        "echo": params.prompt_logprobs,
+    }
     if params.do_sample and params.temperature > 0:
-        config.do_sample = True
-        config.temperature = params.temperature
-        config.top_p = params.top_p
+        settings.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
         if params.top_k > 0:
-            config.top_k = params.top_k
+            settings["top_k"] = params.top_k
         # GenAI's default seed is a constant 0: every unseeded request would draw the same samples.
-        config.rng_seed = params.seed if params.seed is not None else random.getrandbits(32)
-    return config
+        settings["rng_seed"] = params.seed if params.seed is not None else random.getrandbits(32)
+    return settings
 
 
-def create_pipeline(config: ServingConfig, files: ModelFiles) -> Any:
-    """The ContinuousBatchingPipeline `config` asks for (also what scripts/bench_direct.py drives directly)."""
-    path = model_path(config, files)
+# ---- the engine process ----
+
+def _engine_process(config: ServingConfig, path: Path, commands: Connection, results: Connection,
+                    log_level: int) -> None:
+    """Owns the pipeline: apply commands between steps, step while anything is unfinished, report each step."""
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        pipe = create_pipeline(config, path)
+    except Exception as exc:
+        log.exception("OpenVINO could not load %s", path)
+        results.send(f"{type(exc).__name__}: {exc}")
+        return
+    results.send("ready")
+    try:
+        _step_loop(pipe, commands, results)
+    except (EOFError, BrokenPipeError):
+        log.warning("the server process has gone; the OpenVINO engine process exits")
+
+
+def _step_loop(pipe: Any, commands: Connection, results: Connection) -> None:
+    handles: dict[int, Any] = {}
+    while True:
+        busy = bool(handles) or pipe.has_non_finished_requests()
+        if (not busy or commands.poll()) and not _apply_commands(pipe, handles, commands, results):
+            return
+        if not (handles or pipe.has_non_finished_requests()):
+            continue
+        try:  # also steps once more after an abort, so the engine frees that request
+            pipe.step()
+        except Exception as exc:
+            for handle in handles.values():
+                handle.cancel()
+            handles.clear()
+            results.send(("failed", f"{type(exc).__name__}: {exc}"))
+            continue
+        outputs = []
+        for key, handle in list(handles.items()):
+            output = _read_handle(key, handle)
+            if output.ids or output.status != "RUNNING":
+                outputs.append(output)
+            if output.status != "RUNNING":
+                del handles[key]
+        results.send(("step", outputs, pipe.has_non_finished_requests()))
+
+
+def _apply_commands(pipe: Any, handles: dict[int, Any], commands: Connection, results: Connection) -> bool:
+    """Everything queued (waiting for the first command when idle); False on shutdown."""
+    while True:
+        command = commands.recv()
+        if command is None:
+            return False
+        if command[0] == "add":
+            _, key, prompt_ids, settings = command
+            config = ov_genai.GenerationConfig()
+            for name, value in settings.items():
+                setattr(config, name, value)
+            try:
+                handles[key] = pipe.add_request(key, ov.Tensor(np.asarray([prompt_ids], dtype=np.int64)), config)
+            except Exception as exc:
+                log.warning("OpenVINO refused request %s: %s", key, exc)
+                results.send(("rejected", key, str(exc)))
+        elif (handle := handles.pop(command[1], None)) is not None:  # ("cancel", key)
+            handle.cancel()
+        if not commands.poll():
+            return True
+
+
+def _read_handle(key: int, handle: Any) -> _Output:
+    ids: list[int] = []
+    log_probs: list[float] = []
+    finish = "NONE"
+    while handle.can_read():
+        for output in handle.read().values():  # one sequence: no beams, n == 1
+            ids += output.generated_ids
+            log_probs += output.generated_log_probs
+            finish = output.finish_reason.name
+    return _Output(key, ids, log_probs, finish, handle.get_status().name)
+
+
+def create_pipeline(config: ServingConfig, path: Path) -> Any:
+    """The ContinuousBatchingPipeline `config` asks for, on the model at `path` (see `model_path`)."""
     properties = {}
     if config.dtype in _PRECISION_HINTS:
         properties["INFERENCE_PRECISION_HINT"] = _PRECISION_HINTS[config.dtype]

@@ -252,8 +252,9 @@ class ManagedProcess:
         self.log_path = log_dir / f"{name}-{time.strftime('%H%M%S')}.log"
         pipe = subprocess.PIPE if pipes else None
         with open(self.log_path, "wb") as log:
+            # Its own process group, so that stop() also ends the children it started (vLLM's engine core).
             self.process = subprocess.Popen(command, cwd=REPO, env=env, stdin=pipe, stdout=pipe if pipes else log,
-                                            stderr=log, text=pipes or None)
+                                            stderr=log, text=pipes or None, start_new_session=True)
 
     @property
     def pid(self) -> int:
@@ -267,13 +268,31 @@ class ManagedProcess:
             raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
+        """SIGTERM to the whole process group, SIGKILL to what is left after 30 s."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and _group_alive(self.process.pid):
+                self.process.poll()  # reaps the leader, so it does not keep the group alive as a zombie
+                time.sleep(0.1)
+            if not _group_alive(self.process.pid):
+                break
+        self.process.poll()
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of the group still runs (zombies do not count: not every init reaps them)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _ppid, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(group) == pgid and state != "Z":
+            return True
+    return False
 
 
 # ---- targets --------------------------------------------------------------------------------------

@@ -143,10 +143,10 @@ class OpenVinoDriver:
     def __init__(self, config: ServingConfig) -> None:
         import openvino_genai as ov_genai
 
-        from backends.openvino_backend import create_pipeline
+        from backends.openvino_backend import create_pipeline, model_path
 
         files, tokenizer, _max_model_len = prepare_model(config)
-        self.pipe = create_pipeline(config, files)
+        self.pipe = create_pipeline(config, model_path(config, files))
         # Token ids as our server computes them (the IR directory may not carry an OpenVINO tokenizer).
         self.prompt_ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in PROMPTS]
         self._ov_genai = ov_genai

@@ -24,7 +24,7 @@ import openvino_genai as ov_genai  # noqa: E402
 
 from backends.model_files import load_tokenizer, locate_model  # noqa: E402
 from backends.openvino_backend import OpenVinoBackend, ir_cache_dir, model_path, scheduler_config  # noqa: E402
-from backends.types import FinishReason, GenerationRequest, RequestRejected, SamplingParams  # noqa: E402
+from backends.types import BackendError, FinishReason, GenerationRequest, RequestRejected, SamplingParams  # noqa: E402
 from server.config import ConfigError, ServingConfig  # noqa: E402
 
 pytestmark = pytest.mark.openvino
@@ -170,13 +170,34 @@ async def test_cancel_aborts_in_engine(engine, gguf_tokenizer):
         await stream.__anext__()
     assert engine.stats().running == 1
     await stream.aclose()
-    for _ in range(100):  # the engine thread applies the abort between steps
-        if engine.stats().running == 0 and not engine._pipe.has_non_finished_requests():
+    for _ in range(100):  # the engine process applies the abort between steps
+        if engine.stats().running == 0 and not engine.engine_has_requests:
             break
         await asyncio.sleep(0.05)
     assert engine.stats().running == 0 and engine.stats().waiting == 0
-    assert not engine._pipe.has_non_finished_requests()
+    assert not engine.engine_has_requests
     assert len(await collect(engine, gguf_tokenizer, CHAT, "after-cancel", max_new_tokens=3)) == 3
+
+
+@module_loop
+async def test_engine_process_death_fails_requests(gguf_path, gguf_tokenizer):
+    """A crashed engine process ends every open stream with an error, and later requests are refused."""
+    config = ServingConfig(model_id=str(gguf_path), rolling_batch="openvino", engine_options={"cache_size": "1"})
+    backend = OpenVinoBackend(config, locate_model(str(gguf_path)), gguf_tokenizer, MAX_MODEL_LEN)
+    backend.load()
+    try:
+        request = GenerationRequest("doomed", tuple(gguf_tokenizer.encode(CHAT)),
+                                    SamplingParams(max_new_tokens=800, ignore_eos=True))
+        stream = backend.generate(request)
+        await stream.__anext__()
+        backend._process.kill()
+        with pytest.raises(BackendError, match="the engine stopped"):
+            async for _ in stream:
+                pass
+        with pytest.raises(BackendError, match="not running"):
+            await collect(backend, gguf_tokenizer, CHAT, "after-death", max_new_tokens=3)
+    finally:
+        backend.shutdown()
 
 
 @module_loop
