@@ -10,8 +10,10 @@ Targets (each one a process this script starts, unless it is an external --peer)
 - `--direct`: for every backend also `scripts/bench_direct.py` ("B-direct"): the same engine, configured by
   the same code from the same options, called in-process through its own API (vLLM's AsyncLLM, OpenVINO's
   ContinuousBatchingPipeline step loop, our engine's Backend) with no HTTP and none of our request path.
-- `--vllm-serve`: vLLM's own OpenAI server ("vllm-serve", `vllm serve`), given the very engine arguments and
-  environment our vllm backend uses (bench_direct.py --serve-args), driven with streaming /v1/completions.
+- `--vllm-serve`: vLLM's own OpenAI server (`vllm serve`), given the very engine arguments and environment
+  our vllm backend uses (bench_direct.py --serve-args), driven with streaming /v1/completions, as two
+  targets: "vllm-serve" (a plain request) and "vllm-serve-logprobs" (also asking each token's log-prob, the
+  work our LMI stream, like LMI's, always does).
 - `--peer NAME=URL`: a server someone else started (--peer-api, --peer-model).
 - `--hf-generate`: transformers' `model.generate` in this process (fp32, greedy, one prompt at a time).
 
@@ -59,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -179,6 +182,12 @@ APIS: dict[str, Api] = {
     # their prompt lengths differ from the LMI runs; compare like with like.
     "openai-completions": Api(
         "openai-completions", "/v1/completions", _openai_completions_body,
+        lambda line: _openai_line(line, lambda c: c.get("text")),
+    ),
+    # The same, also asking for each token's log-prob: the work our LMI stream always does (as LMI does).
+    "openai-completions-logprobs": Api(
+        "openai-completions-logprobs", "/v1/completions",
+        lambda prompt, n, model: {**_openai_completions_body(prompt, n, model), "logprobs": 1},
         lambda line: _openai_line(line, lambda c: c.get("text")),
     ),
     "openai-chat": Api(
@@ -431,7 +440,8 @@ def start_direct(backend: str, model_dir: Path, options: dict[str, str], env: di
     return _started(target, wait)
 
 
-def start_vllm_serve(model_dir: Path, options: dict[str, str], env: dict[str, str], log_dir: Path) -> Target:
+def start_vllm_serve(model_dir: Path, options: dict[str, str], env: dict[str, str],
+                     log_dir: Path) -> list[Target]:
     """`vllm serve` with the engine arguments and environment our vllm backend would use for `options`."""
     env = _scrubbed_env({**options, **env})
     found = subprocess.run(_driver_command("vllm", model_dir, "--serve-args"), cwd=REPO, env=env,
@@ -448,7 +458,10 @@ def start_vllm_serve(model_dir: Path, options: dict[str, str], env: dict[str, st
     process = ManagedProcess("vllm-serve", command, {**env, **serve["env"]}, log_dir)
     target = HttpTarget("vllm-serve", process, url=f"http://127.0.0.1:{port}", api=APIS["openai-completions"],
                         model="bench-model")
-    return _started(target, lambda: target.wait_healthy("/health"))
+    _started(target, lambda: target.wait_healthy("/health"))
+    # The same server asked for log-probs too: the work our LMI stream always does (and LMI's).
+    with_logprobs = dataclasses.replace(target, name="vllm-serve-logprobs", api=APIS["openai-completions-logprobs"])
+    return [target, with_logprobs]
 
 
 # ---- HTTP client ----------------------------------------------------------------------------------
@@ -700,6 +713,7 @@ def ratio_lines(levels: list[LevelResult], hf: LevelResult | None, backends: lis
                    f"{backend}-direct")
     if "vllm" in backends:
         each_level("vllm / vllm-serve (our server with vLLM over vLLM's own server)", "vllm", "vllm-serve")
+        each_level("vllm / vllm-serve-logprobs (the same, both returning log-probs)", "vllm", "vllm-serve-logprobs")
     served = [b for b in backends if b != "disable" and (b, hi) in by]
     if served and any(t == "vllm-serve" for t, _ in by):
         best = max(served, key=lambda b: by[b, hi])
@@ -746,7 +760,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--direct", action="store_true",
                    help="also run each backend's engine called directly (scripts/bench_direct.py)")
     p.add_argument("--vllm-serve", action="store_true",
-                   help="also run `vllm serve` with the engine arguments our vllm backend uses")
+                   help="also run `vllm serve` with the engine arguments our vllm backend uses, as two targets: "
+                        "`vllm-serve` (plain completions) and `vllm-serve-logprobs` (also each token's log-prob)")
     p.add_argument("--concurrency", type=_csv_ints, default=[1, 4, 16], help="default: 1,4,16")
     p.add_argument("--requests-per-level", type=int, default=len(PROMPTS),
                    help="requests per concurrency level; R = ceil(this / C) per client (default: %(default)s, "
@@ -783,23 +798,23 @@ def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")  # unwinds through the `finally` blocks that stop processes
 
 
-def target_starters(args: argparse.Namespace, model_dir: Path, log_dir: Path) -> list[Callable[[], Target]]:
-    """One deferred start per target, in report order: each backend's server then its engine direct, then
-    `vllm serve`, then peers."""
+def target_starters(args: argparse.Namespace, model_dir: Path, log_dir: Path) -> list[Callable[[], list[Target]]]:
+    """Deferred starts, in report order: each backend's server then its engine direct, then `vllm serve`, then
+    peers. One start may give several targets on one process; they are stopped together."""
     options = {f"OPTION_{k.upper()}": v for k, v in args.server_option}
     env = dict(args.server_env)
     if args.threads:
         env.setdefault("OMP_NUM_THREADS", str(args.threads))
-    starters: list[Callable[[], Target]] = []
+    starters: list[Callable[[], list[Target]]] = []
     for backend in args.backend:
-        starters.append(lambda b=backend: start_server(b, model_dir, options, env, APIS[args.api], log_dir))
+        starters.append(lambda b=backend: [start_server(b, model_dir, options, env, APIS[args.api], log_dir)])
         if args.direct:
-            starters.append(lambda b=backend: start_direct(b, model_dir, options, env, log_dir))
+            starters.append(lambda b=backend: [start_direct(b, model_dir, options, env, log_dir)])
     if args.vllm_serve:
         starters.append(lambda: start_vllm_serve(model_dir, options, env, log_dir))
     for name, url in args.peer:
         peer = HttpTarget(name, None, url=url.rstrip("/"), api=APIS[args.peer_api], model=args.peer_model)
-        starters.append(lambda t=peer: t)
+        starters.append(lambda t=peer: [t])
     return starters
 
 
@@ -843,16 +858,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.interleave:
             for start in starters:
-                target = start()
-                targets.append(target)
-                warm_target(target, args)
-                levels += [bench_level(target, c, args) for c in args.concurrency]
-                target.stop()
+                group = start()
+                targets += group
+                for target in group:
+                    warm_target(target, args)
+                    levels += [bench_level(target, c, args) for c in args.concurrency]
+                for target in group:
+                    target.stop()
             if args.hf_generate:
                 run_hf()
         else:
             for start in starters:
-                targets.append(start())
+                targets += start()
             for target in targets:
                 warm_target(target, args)
             for i, c in enumerate(args.concurrency):

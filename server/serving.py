@@ -22,6 +22,10 @@ from server.metrics import Metrics
 from server.request_parser import InvalidRequest, ParsedRequest, RequestParser, decode_body
 
 log = logging.getLogger(__name__)
+# Bodies up to this size are parsed (and tokenized, ~0.2 ms) on the event loop: under load a hop to the
+# executor thread and back cost more than the work (OpenVINO c=16 through the server: 0.88x -> 0.94x of the
+# engine called directly). Larger ones still go to a thread so a huge prompt cannot stall the loop.
+_INLINE_PARSE_BYTES = 16 * 1024
 
 
 class ModelState(str, enum.Enum):
@@ -202,7 +206,10 @@ class InferenceService:
         try:
             payload = decode_body(body, content_type)
             loop = asyncio.get_running_loop()
-            parsed = await loop.run_in_executor(None, self.parser.parse, payload, request_id, force_stream, accept)
+            if len(body) <= _INLINE_PARSE_BYTES:
+                parsed = self.parser.parse(payload, request_id, force_stream, accept)
+            else:
+                parsed = await loop.run_in_executor(None, self.parser.parse, payload, request_id, force_stream, accept)
         except InvalidRequest as exc:
             raise ServiceError(exc.status, str(exc)) from None
         release = await self.admission.acquire(self.config.model_name)
