@@ -576,6 +576,7 @@ def warm_target(target: Target, args: argparse.Namespace) -> None:
 
 
 def bench_level(target: Target, concurrency: int, args: argparse.Namespace) -> LevelResult:
+    time.sleep(args.settle_seconds)  # let the previous target's threads and in-flight work wind down
     r = requests_per_client_for(concurrency, args)
     pid = target.process.pid if target.process else None
     cpu0, srv0, sys0 = client_cpu_seconds(), tree_cpu_seconds(pid) if pid else None, system_busy_cpu_seconds()
@@ -780,6 +781,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-level-seconds", type=float, default=90.0,
                    help="no new request starts after this long in one level (in-flight ones finish), so a "
                         "run stays bounded on a slow or busy machine; 0 = no cap (default: %(default)s)")
+    p.add_argument("--settle-seconds", type=float, default=3.0,
+                   help="idle pause before each level, so the previous target's leftover work (spinning thread "
+                        "pools, engine loops winding down) does not land on the next (default: %(default)s)")
     p.add_argument("--peer", type=_key_value, action="append", default=[], metavar="NAME=URL",
                    help="also benchmark an already running server at URL (repeatable)")
     p.add_argument("--peer-api", choices=sorted(APIS), default="openai-completions")
