@@ -34,6 +34,9 @@ class SamplingParams:
     ignore_eos: bool = False
     top_n_tokens: int = 0
     prompt_logprobs: bool = False  # LMI `decoder_input_details`
+    # Whether the response shows each generated token's log-prob. An engine for which they cost extra work
+    # (vLLM) may leave `Token.log_prob` None when this is False; the others report them anyway.
+    token_logprobs: bool = True
 
     @property
     def greedy(self) -> bool:

@@ -205,6 +205,9 @@ class RequestParser:
             raise InvalidRequest("Invalid request payload: the 'inputs' field must be a non-empty string")
         p = req.parameters
         stream = req.stream or force_stream
+        tgi = self.config.tgi_compat
+        details = p.details if p.details is not None else tgi
+        formatter = wanted or self.config.output_formatter or ("sse" if stream and tgi else "jsonlines" if stream else "json")
         if p.decoder_input_details and stream:
             raise InvalidRequest("'decoder_input_details' cannot be used with streaming: set stream to false")
         _check_unicode(req.inputs, "inputs")
@@ -228,15 +231,15 @@ class RequestParser:
             ignore_eos=bool(p.ignore_eos_token),
             top_n_tokens=p.top_n_tokens or 0,
             prompt_logprobs=bool(p.decoder_input_details),
+            # Every streamed token object has a log_prob; a plain JSON body without details has none.
+            token_logprobs=formatter != "json" or details,
         )
-        tgi = self.config.tgi_compat
-        formatter = wanted or self.config.output_formatter or ("sse" if stream and tgi else "jsonlines" if stream else "json")
         output = OutputOptions(
             kind="lmi",
             stream=stream,
             formatter=formatter,
             inputs=req.inputs,
-            details=p.details if p.details is not None else tgi,
+            details=details,
             return_full_text=bool(p.return_full_text),
             tgi_compat=tgi,
         )
@@ -283,6 +286,7 @@ class RequestParser:
             stop_sequences=_stop_list(req.stop, "stop"),
             ignore_eos=req.ignore_eos,
             top_n_tokens=top_n,
+            token_logprobs=bool(req.logprobs),
         )
         stream = req.stream or force_stream
         jsonlines = (wanted or self.config.output_formatter) == "jsonlines"

@@ -85,6 +85,21 @@ async def test_greedy_matches_vllm_offline(engine, tokenizer, reference):
 
 
 @module_loop
+async def test_without_token_logprobs(engine, tokenizer, reference):
+    """A response that shows no log-probs does not ask vLLM for them; tokens, text and stops are unchanged."""
+    for i, prompt in enumerate(PROMPTS):
+        ids, _, text = reference[prompt]
+        events = await collect(engine, tokenizer, prompt, f"plain-{i}", max_new_tokens=24, token_logprobs=False)
+        assert [e.token.id for e in events] == ids
+        assert text_of(events) == text
+        assert all(e.token.log_prob is None for e in events)
+    events = await collect(engine, tokenizer, CHAT, "plain-stop", max_new_tokens=30, stop_sequences=("of France",),
+                           token_logprobs=False)
+    assert events[-1].finish_reason is FinishReason.STOP_SEQUENCE
+    assert text_of(events) == "The capital "
+
+
+@module_loop
 async def test_log_probs_are_raw(engine, tokenizer, hf_model):
     """Equal to transformers' log_softmax (fp32), and unchanged by temperature (not the warped distribution)."""
     import torch
