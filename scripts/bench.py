@@ -6,14 +6,17 @@ Targets (each one a process this script starts, unless it is an external --peer)
 
 - `--backend B[,B...]` (an `option.rolling_batch` value: scheduler, disable, vllm, openvino): `llm-endpoint
   serve` (`python -m server.cli serve`, OPTION_ROLLING_BATCH=B plus --server-option) on 127.0.0.1, driven over
-  HTTP with the LMI streaming body below.
+  HTTP with the LMI streaming body below; `--api lmi,openai-chat` drives the same server with its OpenAI chat
+  stream too, as target "B/openai-chat".
 - `--direct`: for every backend also `scripts/bench_direct.py` ("B-direct"): the same engine, configured by
   the same code from the same options, called in-process through its own API (vLLM's AsyncLLM, OpenVINO's
   ContinuousBatchingPipeline step loop, our engine's Backend) with no HTTP and none of our request path.
 - `--vllm-serve`: vLLM's own OpenAI server (`vllm serve`), given the very engine arguments and environment
   our vllm backend uses (bench_direct.py --serve-args), driven with streaming /v1/completions, as two
   targets: "vllm-serve" (a plain request) and "vllm-serve-logprobs" (also asking each token's log-prob, the
-  work our LMI stream, like LMI's, always does).
+  work every LMI stream does, since each token object carries its log_prob); with `--api ...,openai-chat` a
+  third, "vllm-serve/openai-chat", against which "vllm/openai-chat" is the like-for-like pair (neither asks
+  for log-probs).
 - `--peer NAME=URL`: a server someone else started (--peer-api, --peer-model).
 - `--hf-generate`: transformers' `model.generate` in this process (fp32, greedy, one prompt at a time).
 
@@ -49,6 +52,7 @@ Usage (from the repository root; OpenVINO needs LLM_ENDPOINT_OPTIMUM_CLI to conv
     .venv/bin/python scripts/bench.py --backend scheduler --concurrency 1,2,4,8,16 --json out.json
     .venv/bin/python scripts/bench.py --server-option dtype=bf16   # any OPTION_<KEY> for servers and drivers
     .venv/bin/python scripts/bench.py --backend scheduler --api openai-chat   # our /v1/chat/completions
+    .venv/bin/python scripts/bench.py --backend vllm --vllm-serve --api lmi,openai-chat   # vllm vs serve, both ways
     .venv/bin/python scripts/bench.py --backend none --peer tgi=http://127.0.0.1:8000 --peer-api lmi
 
 Output: a markdown table (target | concurrency | output tok/s | TTFT p50/p99 | ITL p50/p99 | requests |
@@ -411,15 +415,17 @@ def _started(target: Target, wait: Callable[[], None]) -> Target:
     return target
 
 
-def start_server(backend: str, model_dir: Path, options: dict[str, str], env: dict[str, str], api: Api,
-                 log_dir: Path) -> Target:
+def start_server(backend: str, model_dir: Path, options: dict[str, str], env: dict[str, str], apis: list[Api],
+                 log_dir: Path) -> list[Target]:
+    """One server, one target per request format: "B" for the first, "B/FORMAT" for the others."""
     port = free_port()
     command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--model-dir", str(model_dir)]
     process = ManagedProcess(backend, command, _scrubbed_env({**options, "OPTION_ROLLING_BATCH": backend, **env}),
                              log_dir)
-    target = HttpTarget(backend, process, url=f"http://127.0.0.1:{port}", api=api)
-    return _started(target, lambda: target.wait_healthy("/ping"))
+    target = HttpTarget(backend, process, url=f"http://127.0.0.1:{port}", api=apis[0])
+    _started(target, lambda: target.wait_healthy("/ping"))
+    return [target] + [dataclasses.replace(target, name=f"{backend}/{api.name}", api=api) for api in apis[1:]]
 
 
 def _driver_command(backend: str, model_dir: Path, *extra: str) -> list[str]:
@@ -440,9 +446,10 @@ def start_direct(backend: str, model_dir: Path, options: dict[str, str], env: di
     return _started(target, wait)
 
 
-def start_vllm_serve(model_dir: Path, options: dict[str, str], env: dict[str, str],
-                     log_dir: Path) -> list[Target]:
-    """`vllm serve` with the engine arguments and environment our vllm backend would use for `options`."""
+def start_vllm_serve(model_dir: Path, options: dict[str, str], env: dict[str, str], log_dir: Path,
+                     chat: bool) -> list[Target]:
+    """`vllm serve` with the engine arguments and environment our vllm backend would use for `options`;
+    with `chat` also driven with its chat endpoint ("vllm-serve/openai-chat")."""
     env = _scrubbed_env({**options, **env})
     found = subprocess.run(_driver_command("vllm", model_dir, "--serve-args"), cwd=REPO, env=env,
                            capture_output=True, text=True)
@@ -461,7 +468,8 @@ def start_vllm_serve(model_dir: Path, options: dict[str, str], env: dict[str, st
     _started(target, lambda: target.wait_healthy("/health"))
     # The same server asked for log-probs too: the work our LMI stream always does (and LMI's).
     with_logprobs = dataclasses.replace(target, name="vllm-serve-logprobs", api=APIS["openai-completions-logprobs"])
-    return [target, with_logprobs]
+    chat_target = dataclasses.replace(target, name="vllm-serve/openai-chat", api=APIS["openai-chat"])
+    return [target, with_logprobs] + ([chat_target] if chat else [])
 
 
 # ---- HTTP client ----------------------------------------------------------------------------------
@@ -715,6 +723,8 @@ def ratio_lines(levels: list[LevelResult], hf: LevelResult | None, backends: lis
     if "vllm" in backends:
         each_level("vllm / vllm-serve (our server with vLLM over vLLM's own server)", "vllm", "vllm-serve")
         each_level("vllm / vllm-serve-logprobs (the same, both returning log-probs)", "vllm", "vllm-serve-logprobs")
+        each_level("vllm/openai-chat / vllm-serve/openai-chat (both OpenAI chat streams, no log-probs)",
+                   "vllm/openai-chat", "vllm-serve/openai-chat")
     served = [b for b in backends if b != "disable" and (b, hi) in by]
     if served and any(t == "vllm-serve" for t, _ in by):
         best = max(served, key=lambda b: by[b, hi])
@@ -745,6 +755,14 @@ def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip() and x.strip() != "none"]
 
 
+def _api_list(text: str) -> list[str]:
+    names = _csv(text)
+    unknown = [n for n in names if n not in APIS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected request formats from {', '.join(sorted(APIS))}, got {text!r}")
+    return list(dict.fromkeys(names))
+
+
 def _key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -769,7 +787,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "i.e. every prompt once)")
     p.add_argument("--requests-per-client", type=int, help="R, overriding --requests-per-level")
     p.add_argument("--max-new-tokens", type=int, default=64, help="output tokens per request (default: 64)")
-    p.add_argument("--api", choices=sorted(APIS), default="lmi", help="request format for our servers")
+    p.add_argument("--api", type=_api_list, default=["lmi"],
+                   help=f"request formats for our servers, comma-separated ({', '.join(sorted(APIS))}): one target "
+                        "per format on the same server, named B for the first and B/FORMAT for the others; with "
+                        "--vllm-serve, openai-chat also drives vllm serve's chat endpoint (default: lmi)")
     p.add_argument("--server-option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="extra OPTION_<KEY>=VALUE for our servers, the direct engines and vllm serve "
                         "(repeatable), e.g. dtype=bf16")
@@ -811,11 +832,12 @@ def target_starters(args: argparse.Namespace, model_dir: Path, log_dir: Path) ->
         env.setdefault("OMP_NUM_THREADS", str(args.threads))
     starters: list[Callable[[], list[Target]]] = []
     for backend in args.backend:
-        starters.append(lambda b=backend: [start_server(b, model_dir, options, env, APIS[args.api], log_dir)])
+        apis = [APIS[name] for name in args.api]
+        starters.append(lambda b=backend, a=apis: start_server(b, model_dir, options, env, a, log_dir))
         if args.direct:
             starters.append(lambda b=backend: [start_direct(b, model_dir, options, env, log_dir)])
     if args.vllm_serve:
-        starters.append(lambda: start_vllm_serve(model_dir, options, env, log_dir))
+        starters.append(lambda: start_vllm_serve(model_dir, options, env, log_dir, chat="openai-chat" in args.api))
     for name, url in args.peer:
         peer = HttpTarget(name, None, url=url.rstrip("/"), api=APIS[args.peer_api], model=args.peer_model)
         starters.append(lambda t=peer: [t])

@@ -22,22 +22,22 @@ def test_bench_runs_server_and_engine_direct(model_dir: Path, tmp_path: Path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "scripts/bench.py", "--model-dir", str(model_dir), "--backend", "scheduler", "--direct",
-         "--concurrency", "1,2", "--requests-per-level", "2", "--max-new-tokens", "4", "--json", str(out),
+         "--api", "lmi,openai-chat", "--concurrency", "1,2", "--requests-per-level", "2", "--max-new-tokens", "4", "--json", str(out),
          "--log-dir", str(tmp_path / "logs")],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     doc = json.loads(out.read_text())
     levels = {(lv["config"], lv["concurrency"]): lv for lv in doc["levels"]}
-    assert set(levels) == {(t, c) for t in ("scheduler", "scheduler-direct") for c in (1, 2)}
+    targets = ("scheduler", "scheduler/openai-chat", "scheduler-direct")
+    assert set(levels) == {(t, c) for t in targets for c in (1, 2)}
     for level in levels.values():
         assert (level["requests"], level["errors"], level["output_tokens"]) == (2, 0, 8)
         assert level["ttft_p50_ms"] > 0 and level["itl_p50_ms"] > 0
-    # the same prompts, in the same order, for the server and the engine called directly
+    # the same prompts for the server (in both formats) and the engine called directly
     for c in (1, 2):
-        server = sorted(r["prompt"] for r in levels["scheduler", c]["per_request"])
-        direct = sorted(r["prompt"] for r in levels["scheduler-direct", c]["per_request"])
-        assert server == direct == [0, 1]
+        prompts = [sorted(r["prompt"] for r in levels[t, c]["per_request"]) for t in targets]
+        assert prompts == [[0, 1]] * 3
     assert "scheduler / scheduler-direct" in result.stdout
     assert list((tmp_path / "logs").glob("*.log"))  # process logs are kept
 
