@@ -193,7 +193,7 @@ def sampling_params(params: SamplingParams) -> Any:
         stop=list(params.stop_sequences) or None,
         ignore_eos=params.ignore_eos,
         # The chosen token's log-prob and the top-n, raw (model) values: engine logprobs_mode. Asked only when
-        # the response shows them: computing and detokenizing them costs vLLM ~10% of its throughput here.
+        # the response shows them: computing and detokenizing them cost vLLM 3-10% of its throughput here.
         logprobs=max(1, params.top_n_tokens) if params.token_logprobs or params.top_n_tokens else None,
         prompt_logprobs=1 if params.prompt_logprobs else None,
         output_kind=RequestOutputKind.DELTA,

@@ -831,9 +831,9 @@ def target_starters(args: argparse.Namespace, model_dir: Path, log_dir: Path) ->
     if args.threads:
         env.setdefault("OMP_NUM_THREADS", str(args.threads))
     starters: list[Callable[[], list[Target]]] = []
+    apis = [APIS[name] for name in args.api]
     for backend in args.backend:
-        apis = [APIS[name] for name in args.api]
-        starters.append(lambda b=backend, a=apis: start_server(b, model_dir, options, env, a, log_dir))
+        starters.append(lambda b=backend: start_server(b, model_dir, options, env, apis, log_dir))
         if args.direct:
             starters.append(lambda b=backend: [start_direct(b, model_dir, options, env, log_dir)])
     if args.vllm_serve:

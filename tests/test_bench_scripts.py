@@ -22,8 +22,8 @@ def test_bench_runs_server_and_engine_direct(model_dir: Path, tmp_path: Path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "scripts/bench.py", "--model-dir", str(model_dir), "--backend", "scheduler", "--direct",
-         "--api", "lmi,openai-chat", "--concurrency", "1,2", "--requests-per-level", "2", "--max-new-tokens", "4", "--json", str(out),
-         "--log-dir", str(tmp_path / "logs")],
+         "--api", "lmi,openai-chat", "--concurrency", "1,2", "--requests-per-level", "2", "--max-new-tokens", "4",
+         "--json", str(out), "--log-dir", str(tmp_path / "logs")],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
