@@ -100,3 +100,11 @@ class OutputOptions:
     logprobs: bool = False
     top_logprobs: int = 0
     include_usage: bool = False
+
+    @property
+    def shows_token_logprobs(self) -> bool:
+        """Whether the response carries each generated token's log-prob (engines may skip them otherwise):
+        every LMI stream line and `details` do, a plain LMI JSON body does not; chat only with `logprobs`."""
+        if self.kind == "chat":
+            return self.logprobs
+        return self.formatter != "json" or self.details

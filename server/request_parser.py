@@ -217,6 +217,15 @@ class RequestParser:
         do_sample = p.do_sample if p.do_sample is not None else (p.temperature is not None and p.temperature > 0)
         if p.temperature == 0:
             do_sample = False
+        output = OutputOptions(
+            kind="lmi",
+            stream=stream,
+            formatter=formatter,
+            inputs=req.inputs,
+            details=details,
+            return_full_text=bool(p.return_full_text),
+            tgi_compat=tgi,
+        )
         params = SamplingParams(
             max_new_tokens=self._max_new_tokens(
                 p.max_new_tokens, self.config.default_max_new_tokens, len(ids), "parameters.max_new_tokens"
@@ -231,17 +240,7 @@ class RequestParser:
             ignore_eos=bool(p.ignore_eos_token),
             top_n_tokens=p.top_n_tokens or 0,
             prompt_logprobs=bool(p.decoder_input_details),
-            # Every streamed token object has a log_prob; a plain JSON body without details has none.
-            token_logprobs=formatter != "json" or details,
-        )
-        output = OutputOptions(
-            kind="lmi",
-            stream=stream,
-            formatter=formatter,
-            inputs=req.inputs,
-            details=details,
-            return_full_text=bool(p.return_full_text),
-            tgi_compat=tgi,
+            token_logprobs=output.shows_token_logprobs,
         )
         return ParsedRequest(GenerationRequest(request_id, ids, params, req.inputs), output)
 
@@ -273,6 +272,19 @@ class RequestParser:
         ids = self._tokens(prompt, add_special_tokens=False)
         temperature = 1.0 if req.temperature is None else float(req.temperature)
         top_n = (req.top_logprobs or 0) if req.logprobs else 0
+        stream = req.stream or force_stream
+        jsonlines = (wanted or self.config.output_formatter) == "jsonlines"
+        formatter = "jsonlines" if jsonlines and stream else ("sse" if stream else "json")
+        output = OutputOptions(
+            kind="chat",
+            stream=stream,
+            formatter=formatter,
+            inputs=prompt,
+            model=req.model or self.config.model_name,
+            logprobs=req.logprobs,
+            top_logprobs=top_n,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        )
         params = SamplingParams(
             max_new_tokens=self._max_new_tokens(
                 req.max_completion_tokens or req.max_tokens, self.max_model_len, len(ids), "max_tokens"
@@ -286,19 +298,6 @@ class RequestParser:
             stop_sequences=_stop_list(req.stop, "stop"),
             ignore_eos=req.ignore_eos,
             top_n_tokens=top_n,
-            token_logprobs=bool(req.logprobs),
-        )
-        stream = req.stream or force_stream
-        jsonlines = (wanted or self.config.output_formatter) == "jsonlines"
-        formatter = "jsonlines" if jsonlines and stream else ("sse" if stream else "json")
-        output = OutputOptions(
-            kind="chat",
-            stream=stream,
-            formatter=formatter,
-            inputs=prompt,
-            model=req.model or self.config.model_name,
-            logprobs=req.logprobs,
-            top_logprobs=top_n,
-            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            token_logprobs=output.shows_token_logprobs,
         )
         return ParsedRequest(GenerationRequest(request_id, ids, params, prompt), output)
