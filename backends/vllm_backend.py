@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any, NoReturn
 
 from vllm import SamplingParams as VllmSamplingParams
@@ -20,25 +20,16 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from backends.base import Backend, BackendStats
-from backends.engine_options import parse_bool
-from backends.model_files import ModelFiles
-from backends.registry import BackendUnavailable
-from backends.types import (
-    BackendError,
-    FinishReason,
-    GenerationRequest,
-    RequestRejected,
-    SamplingParams,
-    Token,
-    TokenEvent,
-)
-from server.config import ConfigError, ServingConfig
+from llm_endpoint.backends.base import Backend, BackendStats
+from llm_endpoint.backends.config import ConfigError, ServingConfig, parse_bool
+from llm_endpoint.backends.errors import BackendError, BackendUnavailable, RequestRejected
+from llm_endpoint.backends.model_files import ModelFiles
+from llm_endpoint.backends.types import FinishReason, GenerationRequest, SamplingParams, Token, TokenEvent
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"auto": "auto", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-# vLLM on CPU otherwise sizes its KV cache from ~92% of RAM (performance.md); 2 GiB holds ~90k tokens of a
+# vLLM on CPU otherwise sizes its KV cache from ~92% of RAM (vLLM's CPU default, measured here); 2 GiB holds ~90k tokens of a
 # 135M model and leaves the machine usable. Threads stay at vLLM's `auto` binding (one core kept for the
 # front-end and engine-core processes): on 2 cores, binding both to the model (VLLM_CPU_OMP_THREADS_BIND=0-1)
 # measured 3-4x slower.
@@ -76,7 +67,7 @@ class VllmBackend(Backend):
             self._engine.shutdown()
             self._engine = None
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         if self._engine is None:
             raise BackendError("the vLLM engine is not loaded")
         stream = self._engine.generate(
@@ -181,7 +172,7 @@ def _finish_reason(reason: str | None, stop_reason: int | str | None) -> FinishR
 
 
 def sampling_params(params: SamplingParams) -> Any:
-    """LMI parameters -> vLLM's, as LMI's `translate_vllm_params` does (lmi-contract.md 3.1)."""
+    """LMI parameters -> vLLM's, as LMI's `translate_vllm_params` does."""
     sampled = params.do_sample and params.temperature > 0
     return VllmSamplingParams(
         temperature=params.temperature if sampled else 0.0,
@@ -203,7 +194,7 @@ def sampling_params(params: SamplingParams) -> Any:
 def create_engine(config: ServingConfig, files: ModelFiles, max_model_len: int) -> Any:
     """The AsyncLLM `config` asks for (also what scripts/bench_direct.py drives directly)."""
     for name, value in engine_env(config).items():
-        os.environ.setdefault(name, value)
+        os.environ.setdefault(name, value)  # vLLM reads these settings from the environment, nowhere else
     args = engine_args(config, files, max_model_len)
     log.info("starting vLLM engine: %s", args)
     return AsyncLLM.from_engine_args(args)

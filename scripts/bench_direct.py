@@ -58,8 +58,9 @@ from bench_workload import (  # noqa: E402
     warm_up_prompts,
 )
 
-from server.cli import prepare_model  # noqa: E402
-from server.config import ServingConfig, load_config  # noqa: E402
+from llm_endpoint.backends.config import ServingConfig  # noqa: E402
+from llm_endpoint.server.cli import prepare_model  # noqa: E402
+from llm_endpoint.server.config import cache_root, load_config  # noqa: E402
 
 ENGINES = ("scheduler", "disable", "vllm", "openvino")
 
@@ -93,7 +94,7 @@ class VllmDriver(AsyncDriver):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        from backends.vllm_backend import create_engine
+        from llm_endpoint.backends.vllm_backend import create_engine
 
         files, _tokenizer, max_model_len = prepare_model(config)
         self.engine = create_engine(config, files, max_model_len)
@@ -116,14 +117,14 @@ class BackendDriver(AsyncDriver):
 
     def __init__(self, config: ServingConfig) -> None:
         super().__init__()
-        from backends.registry import create_backend
+        from llm_endpoint.backends.registry import create_backend
 
         files, self.tokenizer, max_model_len = prepare_model(config)
         self.backend = create_backend(config, files, self.tokenizer, max_model_len)
         self.backend.load()
 
     async def one(self, index: int, max_new_tokens: int) -> RequestResult:
-        from backends.types import GenerationRequest, SamplingParams
+        from llm_endpoint.backends.types import GenerationRequest, SamplingParams
 
         result = RequestResult(index)
         ids = tuple(self.tokenizer(PROMPTS[index], add_special_tokens=True)["input_ids"])
@@ -143,7 +144,7 @@ class OpenVinoDriver:
     def __init__(self, config: ServingConfig) -> None:
         import openvino_genai as ov_genai
 
-        from backends.openvino_backend import create_pipeline, model_path
+        from llm_endpoint.backends.openvino.pipeline import create_pipeline, model_path
 
         files, tokenizer, _max_model_len = prepare_model(config)
         self.pipe = create_pipeline(config, model_path(config, files))
@@ -215,7 +216,7 @@ def vllm_serve_args(config: ServingConfig) -> dict[str, Any]:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from backends.vllm_backend import engine_args, engine_env
+    from llm_endpoint.backends.vllm_backend import engine_args, engine_env
 
     files, _tokenizer, max_model_len = prepare_model(config)
     ours = engine_args(config, files, max_model_len)
@@ -273,9 +274,9 @@ def main() -> int:
     started = time.monotonic()
     model_dir = args.model_dir
     if model_dir is None:
-        from server.demo_model import prepare_demo_model
+        from llm_endpoint.server.demo_model import prepare_demo_model
 
-        model_dir = prepare_demo_model()
+        model_dir = prepare_demo_model(cache_root(os.environ))
     environ = {**os.environ, "OPTION_ROLLING_BATCH": args.engine}
     config = load_config(model_dir, environ)
     if args.serve_args:

@@ -6,6 +6,9 @@ bash scripts/setup.sh
 if [ -x .venv-optimum/bin/optimum-cli ]; then
   export LLM_ENDPOINT_OPTIMUM_CLI="$PWD/.venv-optimum/bin/optimum-cli"
 fi
+# Lint and type-check first: both take seconds, the suite takes minutes.
+.venv/bin/ruff check .
+.venv/bin/mypy
 set +e
 .venv/bin/python -m pytest -ra "$@"
 status=$?

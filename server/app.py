@@ -17,10 +17,10 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from server.sagemaker.routes import add_sagemaker_routes
-from server.serving import InferenceService, ModelState, ServiceError
-from server.transport import ClientGone, error_response, respond, start_generation
+from llm_endpoint.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from llm_endpoint.server.sagemaker.routes import add_sagemaker_routes
+from llm_endpoint.server.serving import InferenceService, ModelState, ServiceError
+from llm_endpoint.server.transport import ClientGone, error_response, respond, start_generation
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from server.config import SAGEMAKER_MODEL_DIR, ConfigError, ServingConfig, load_config
+from llm_endpoint.backends.config import ConfigError, ServingConfig
+from llm_endpoint.server.config import (
+    SAGEMAKER_MODEL_DIR,
+    bind_port,
+    cache_root,
+    load_config,
+    log_level,
+    model_id_configured,
+)
 
 log = logging.getLogger("llm_endpoint")
 
@@ -22,25 +30,18 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def _default_port() -> int:
-    value = os.environ.get("SAGEMAKER_BIND_TO_PORT", "8080")
-    if not value.isdigit() or not 0 < int(value) < 65536:
-        raise ConfigError(f"invalid SAGEMAKER_BIND_TO_PORT={value!r}: expected a port number 1-65535")
-    return int(value)
-
-
 def _model_dir(arg: str | None) -> Path | None:
     """--model-dir, else SageMaker's mount, else (when no model id is configured) the demo model."""
     if arg:
         return Path(arg)
     if SAGEMAKER_MODEL_DIR.is_dir() and any(SAGEMAKER_MODEL_DIR.iterdir()):
         return SAGEMAKER_MODEL_DIR
-    if os.environ.get("HF_MODEL_ID") or os.environ.get("OPTION_MODEL_ID"):
+    if model_id_configured(os.environ):
         return None
-    from server.demo_model import prepare_demo_model
+    from llm_endpoint.server.demo_model import prepare_demo_model
 
     log.info("no model directory given: serving the demo model")
-    return prepare_demo_model()
+    return prepare_demo_model(cache_root(os.environ))
 
 
 def prepare_model(config: ServingConfig) -> tuple[Any, Any, int]:
@@ -48,12 +49,16 @@ def prepare_model(config: ServingConfig) -> tuple[Any, Any, int]:
 
     Also used by scripts/bench_direct.py, so the engines it calls directly are set up exactly as served.
     """
-    from backends.model_files import ModelFilesError, load_tokenizer, locate_model, model_max_length
-    from server.demo_model import cache_root
-    from server.model_store import ModelLocationError, resolve_model_location
+    from llm_endpoint.backends.model_files import (
+        ModelFilesError,
+        load_tokenizer,
+        locate_model,
+        model_max_length,
+    )
+    from llm_endpoint.server.model_store import ModelLocationError, resolve_model_location
 
     try:
-        location = resolve_model_location(config.model_id, cache_root() / "models")
+        location = resolve_model_location(config.model_id, config.cache_dir / "models")
         files = locate_model(location)
     except (ModelFilesError, ModelLocationError) as exc:
         raise ConfigError(f"invalid option.model_id={config.model_id!r}: {exc}") from None
@@ -66,8 +71,9 @@ def prepare_model(config: ServingConfig) -> tuple[Any, Any, int]:
 
 
 def build_service(config: ServingConfig):  # -> InferenceService; imports deferred to keep `--help` fast
-    from backends.registry import BackendUnavailable, create_backend
-    from server.serving import InferenceService
+    from llm_endpoint.backends.errors import BackendUnavailable
+    from llm_endpoint.backends.registry import create_backend
+    from llm_endpoint.server.serving import InferenceService
 
     files, tokenizer, max_model_len = prepare_model(config)
     try:
@@ -82,10 +88,10 @@ def build_service(config: ServingConfig):  # -> InferenceService; imports deferr
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from server.app import create_app
+    from llm_endpoint.server.app import create_app
 
     try:
-        port = args.port if args.port is not None else _default_port()
+        port = args.port if args.port is not None else bind_port(os.environ)
         config = load_config(_model_dir(args.model_dir), os.environ)
         service = build_service(config)
     except ConfigError as exc:
@@ -98,15 +104,15 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def demo_model(args: argparse.Namespace) -> int:
-    from server.demo_model import prepare_demo_model
+    from llm_endpoint.server.demo_model import prepare_demo_model
 
-    print(prepare_demo_model())
+    print(prepare_demo_model(cache_root(os.environ)))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llm-endpoint", description=__doc__)
-    parser.add_argument("--log-level", default=os.environ.get("LLM_ENDPOINT_LOG_LEVEL", "info"),
+    parser.add_argument("--log-level", default=log_level(os.environ),
                         choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="serve a model over HTTP (SageMaker LMI contract)")

@@ -1,47 +1,29 @@
-"""LMI-compatible configuration: serving.properties, OPTION_* and the SageMaker/TGI environment variables.
+"""Reading LMI's configuration: serving.properties, OPTION_* and the SageMaker/TGI environment variables.
 
-Precedence follows LMI (lmi-contract.md section 2): serving.properties > OPTION_* > TGI/SageMaker-style
+Precedence follows LMI (djl-serving's configuration docs and `ModelInfo`): serving.properties > OPTION_* > TGI/SageMaker-style
 variables > defaults, with SageMaker's own variables (`SAGEMAKER_*`) overriding last, as LMI's Java
-`SageMakerCompatibility` does. The result is one frozen `ServingConfig`; nothing else reads the environment.
+`SageMakerCompatibility` does. The result is one frozen `ServingConfig`. This module is the only reader of the
+environment: the CLI hands it `os.environ`, and everything else is given the values it needs.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
+
+from llm_endpoint.backends.config import ROLLING_BATCH_ALIASES, ConfigError, RollingBatch, ServingConfig
 
 log = logging.getLogger(__name__)
 
 SAGEMAKER_MODEL_DIR = Path("/opt/ml/model")
+DEFAULT_PORT = 8080
 
-
-class ConfigError(Exception):
-    """Start-up configuration is invalid; the message is one line naming the option, value and what is allowed."""
-
-
-class RollingBatch(str, enum.Enum):
-    AUTO = "auto"
-    SCHEDULER = "scheduler"
-    DISABLE = "disable"
-    VLLM = "vllm"
-    OPENVINO = "openvino"
-    TRTLLM = "trtllm"
-    DEEPSPEED = "deepspeed"
-    NEURONX = "neuronx"
-
-
-# LMI names that map onto another engine (LMI v15 rewrote lmi-dist to vllm).
-ROLLING_BATCH_ALIASES = {"lmi-dist": "vllm", "tnx": "neuronx", "lmi_dist": "vllm"}
-
-OutputFormatter = Literal["json", "jsonlines", "sse"]
-DType = Literal["auto", "fp32", "fp16", "bf16"]
-_DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "half": "fp16", "float": "fp32"}
 
 # The LMI `option.*` keys this server understands itself; any other option.* is kept for engines
 # that accept arbitrary engine arguments (vLLM).
@@ -83,76 +65,32 @@ _ENV_TRANSLATIONS = {
 }
 
 
-class ServingConfig(BaseModel):
-    """Everything the server and engines are told. Keys are named after their LMI option."""
+def cache_root(environ: Mapping[str, str]) -> Path:
+    """Where downloads, the demo model and conversions are kept: LLM_ENDPOINT_CACHE, else ~/.cache/llm-endpoint."""
+    configured = environ.get("LLM_ENDPOINT_CACHE")
+    return Path(configured) if configured else Path.home() / ".cache" / "llm-endpoint"
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model_id: str = Field(description="local HF directory, .gguf file, s3:// URI or hub id")
-    model_name: str = "model"
-    revision: str | None = None
-    trust_remote_code: bool = False
-    task: str | None = None
-    rolling_batch: RollingBatch = RollingBatch.AUTO
-    tensor_parallel_degree: int | Literal["max"] = "max"
-    pipeline_parallel_degree: int = Field(1, ge=1)
-    max_rolling_batch_size: int | None = Field(None, ge=1, le=4096)
-    max_rolling_batch_prefill_tokens: int | None = Field(None, ge=16)
-    job_queue_size: int = Field(1000, ge=1)
-    dtype: DType = "auto"
-    max_model_len: int | None = Field(None, ge=2)
-    default_max_new_tokens: int = Field(30, ge=1)
-    output_formatter: OutputFormatter | None = None
-    tgi_compat: bool = False
-    enforce_eager: bool = False
-    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
-    quantize: str | None = None
-    model_loading_timeout: int = Field(1800, ge=1)
-    max_request_size: int = Field(64 * 1024 * 1024, ge=1024)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    engine_options: dict[str, str] = Field(default_factory=dict)
+def bind_port(environ: Mapping[str, str]) -> int:
+    """SAGEMAKER_BIND_TO_PORT (SageMaker sets it for inference pipelines), else 8080."""
+    value = environ.get("SAGEMAKER_BIND_TO_PORT", str(DEFAULT_PORT))
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise ConfigError(f"invalid SAGEMAKER_BIND_TO_PORT={value!r}: expected a port number 1-65535")
+    return int(value)
 
-    @field_validator("rolling_batch", mode="before")
-    @classmethod
-    def _rolling_batch_alias(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = v.strip().lower()
-            return ROLLING_BATCH_ALIASES.get(v, v)
-        return v
 
-    @field_validator("dtype", mode="before")
-    @classmethod
-    def _dtype_alias(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = v.strip().lower()
-            return _DTYPE_ALIASES.get(v, v)
-        return v
+def model_id_configured(environ: Mapping[str, str]) -> bool:
+    """Whether the environment names the model (then no model directory is needed)."""
+    return bool(environ.get("HF_MODEL_ID") or environ.get("OPTION_MODEL_ID"))
 
-    @field_validator("tensor_parallel_degree", mode="before")
-    @classmethod
-    def _tp(cls, v: Any) -> Any:
-        if isinstance(v, str) and v.strip().lower() == "max":
-            return "max"
-        return v
 
-    @field_validator("trust_remote_code", "tgi_compat", "enforce_eager", mode="before")
-    @classmethod
-    def _strict_bool(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            low = v.strip().lower()
-            if low in ("true", "1", "yes"):
-                return True
-            if low in ("false", "0", "no"):
-                return False
-            raise ValueError("expected true or false")
-        return v
+def log_level(environ: Mapping[str, str]) -> str:
+    return environ.get("LLM_ENDPOINT_LOG_LEVEL", "info")
 
-    @property
-    def effective_max_rolling_batch_size(self) -> int:
-        """LMI's recommender default: 256 for vLLM-style engines, else 32."""
-        if self.max_rolling_batch_size is not None:
-            return self.max_rolling_batch_size
-        return 256 if self.rolling_batch in (RollingBatch.VLLM, RollingBatch.TRTLLM) else 32
+
+def _optimum_cli(environ: Mapping[str, str]) -> str | None:
+    """optimum-intel pins an older transformers, so it usually lives in its own environment."""
+    return environ.get("LLM_ENDPOINT_OPTIMUM_CLI") or shutil.which("optimum-cli", path=environ.get("PATH"))
 
 
 def parse_properties(text: str) -> dict[str, str]:
@@ -281,6 +219,8 @@ def load_config(model_dir: Path | None, environ: Mapping[str, str]) -> ServingCo
         origin.setdefault("model_id", f"--model-dir {model_dir}")
     values["model_id"] = model_id
     values["model_name"] = _infer_model_name(model_id, model_dir)
+    values["cache_dir"] = cache_root(env)
+    values["optimum_cli"] = _optimum_cli(env)
 
     try:
         return ServingConfig(**values)

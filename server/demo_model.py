@@ -27,16 +27,12 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 _READY = ".complete"
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("LLM_ENDPOINT_CACHE", Path.home() / ".cache" / "llm-endpoint"))
+def demo_model_dir(cache_dir: Path) -> Path:
+    return cache_dir / "demo" / MODEL_NAME
 
 
-def demo_model_dir(root: Path | None = None) -> Path:
-    return (root or cache_root()) / "demo" / MODEL_NAME
-
-
-def demo_gguf_path(root: Path | None = None) -> Path:
-    return (root or cache_root()) / "demo" / GGUF_NAME
+def demo_gguf_path(cache_dir: Path) -> Path:
+    return cache_dir / "demo" / GGUF_NAME
 
 
 def _download_gguf(dest: Path, workdir: Path) -> None:
@@ -60,23 +56,23 @@ def _convert(gguf: Path, out_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # transformers refuses to save a GGUF-loaded model; the weights are plain fp32 tensors by now.
-    model.hf_quantizer = None
+    setattr(model, "hf_quantizer", None)  # noqa: B010 (the attribute is typed as a module, not Optional)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
 
 
-def prepare_demo_model(root: Path | None = None) -> Path:
-    """Return the demo model's HF directory, creating it on first use."""
-    target = demo_model_dir(root)
+def prepare_demo_model(cache_dir: Path) -> Path:
+    """Return the demo model's HF directory under `cache_dir`, creating it on first use."""
+    target = demo_model_dir(cache_dir)
     if (target / _READY).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target.parent / ".prepare.lock")):
         if (target / _READY).exists():
             return target
-        gguf = demo_gguf_path(root)
+        gguf = demo_gguf_path(cache_dir)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".work-") as work:
             workdir = Path(work)
             if not gguf.exists():

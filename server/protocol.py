@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
+from llm_endpoint.backends.config import ResponseFormat
+
 # Bounds that turn absurd numbers into a clear 424 rather than an engine crash.
 MAX_SEED = 2**63 - 1
 MAX_STOP_SEQUENCES = 16
@@ -24,7 +26,7 @@ class _Lenient(BaseModel):
 
 
 class LmiParameters(_Lenient):
-    """`parameters` of an LMI request (lmi-contract.md section 3.1)."""
+    """`parameters` of an LMI request (LMI's input schema, djl-serving docs `lmi_input_output_schema.md`)."""
 
     do_sample: StrictBool | None = None
     seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED)
@@ -90,7 +92,7 @@ class OutputOptions:
 
     kind: Literal["lmi", "chat"]
     stream: bool
-    formatter: Literal["json", "jsonlines", "sse"]
+    formatter: ResponseFormat
     inputs: str = ""  # the prompt text (LMI `details.inputs`, `return_full_text`)
     details: bool = False
     return_full_text: bool = False

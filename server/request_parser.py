@@ -11,22 +11,17 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from backends.types import GenerationRequest, SamplingParams
-from server.config import ServingConfig
-from server.protocol import (
-    MAX_STOP_SEQUENCES,
-    ChatCompletionRequest,
-    LmiRequest,
-    OutputOptions,
-)
+from llm_endpoint.backends.config import ResponseFormat, ServingConfig
+from llm_endpoint.backends.errors import prompt_too_long
+from llm_endpoint.backends.types import GenerationRequest, SamplingParams
+from llm_endpoint.server.protocol import MAX_STOP_SEQUENCES, ChatCompletionRequest, LmiRequest, OutputOptions
 
 MAX_STOP_SEQUENCE_CHARS = 512
-Formatter = Literal["json", "jsonlines", "sse"]
-_ACCEPT_FORMATTERS: dict[str, Formatter] = {
+_ACCEPT_FORMATTERS: dict[str, ResponseFormat] = {
     "application/json": "json",
     "application/jsonlines": "jsonlines",
     "application/x-jsonlines": "jsonlines",
@@ -138,6 +133,29 @@ def _check_unicode(text: str, field: str) -> None:
         ) from None
 
 
+def _sampling_params(
+    *, max_new_tokens: int, do_sample: bool, temperature: float | None, top_k: int | None, top_p: float | None,
+    repetition_penalty: float | None, seed: int | None, stop_sequences: tuple[str, ...], ignore_eos: bool,
+    top_n_tokens: int, output: OutputOptions, prompt_logprobs: bool = False,
+) -> SamplingParams:
+    """The one mapping of validated wire values onto SamplingParams, for LMI and chat bodies alike: absent
+    values take their neutral defaults, temperature 0 leaves 1.0 (greedy decides), unseeded requests get a seed."""
+    return SamplingParams(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=float(temperature) if temperature else 1.0,
+        top_k=max(top_k or 0, 0),
+        top_p=float(top_p) if top_p is not None else 1.0,
+        repetition_penalty=float(repetition_penalty) if repetition_penalty is not None else 1.0,
+        seed=seed if seed is not None else random.getrandbits(63),
+        stop_sequences=stop_sequences,
+        ignore_eos=ignore_eos,
+        top_n_tokens=top_n_tokens,
+        prompt_logprobs=prompt_logprobs,
+        token_logprobs=output.shows_token_logprobs,
+    )
+
+
 class RequestParser:
     """Holds what parsing needs: the config (defaults, limits) and the tokenizer."""
 
@@ -173,10 +191,7 @@ class RequestParser:
         if not ids:
             raise InvalidRequest("the prompt tokenizes to nothing: expected non-empty text")
         if len(ids) >= self.max_model_len:
-            raise InvalidRequest(
-                f"Input too long: the prompt has {len(ids)} tokens, but option.max_model_len is "
-                f"{self.max_model_len} (at most {self.max_model_len - 1} prompt tokens)"
-            )
+            raise InvalidRequest(prompt_too_long(len(ids), self.max_model_len))
         return ids
 
     def _max_new_tokens(self, requested: int | None, default: int, prompt_len: int, field: str) -> int:
@@ -190,7 +205,7 @@ class RequestParser:
         return max(1, min(requested, room))
 
     def _parse_lmi(
-        self, payload: dict[str, Any], request_id: str, force_stream: bool, wanted: Formatter | None
+        self, payload: dict[str, Any], request_id: str, force_stream: bool, wanted: ResponseFormat | None
     ) -> ParsedRequest:
         if "inputs" in payload and not isinstance(payload["inputs"], str):
             raise InvalidRequest(
@@ -226,26 +241,26 @@ class RequestParser:
             return_full_text=bool(p.return_full_text),
             tgi_compat=tgi,
         )
-        params = SamplingParams(
+        params = _sampling_params(
             max_new_tokens=self._max_new_tokens(
                 p.max_new_tokens, self.config.default_max_new_tokens, len(ids), "parameters.max_new_tokens"
             ),
             do_sample=do_sample,
-            temperature=float(p.temperature) if p.temperature else 1.0,
-            top_k=max(p.top_k or 0, 0),
-            top_p=float(p.top_p) if p.top_p is not None else 1.0,
-            repetition_penalty=float(p.repetition_penalty) if p.repetition_penalty is not None else 1.0,
-            seed=p.seed if p.seed is not None else random.getrandbits(63),
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            repetition_penalty=p.repetition_penalty,
+            seed=p.seed,
             stop_sequences=_stop_list(p.stop_sequences, "parameters.stop_sequences"),
             ignore_eos=bool(p.ignore_eos_token),
             top_n_tokens=p.top_n_tokens or 0,
+            output=output,
             prompt_logprobs=bool(p.decoder_input_details),
-            token_logprobs=output.shows_token_logprobs,
         )
         return ParsedRequest(GenerationRequest(request_id, ids, params, req.inputs), output)
 
     def _parse_chat(
-        self, payload: dict[str, Any], request_id: str, force_stream: bool, wanted: Formatter | None
+        self, payload: dict[str, Any], request_id: str, force_stream: bool, wanted: ResponseFormat | None
     ) -> ParsedRequest:
         req: ChatCompletionRequest = _validate(ChatCompletionRequest, payload)
         for name in ("frequency_penalty", "presence_penalty"):
@@ -285,19 +300,19 @@ class RequestParser:
             top_logprobs=top_n,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
         )
-        params = SamplingParams(
+        params = _sampling_params(
             max_new_tokens=self._max_new_tokens(
                 req.max_completion_tokens or req.max_tokens, self.max_model_len, len(ids), "max_tokens"
             ),
             do_sample=temperature > 0,
-            temperature=temperature if temperature > 0 else 1.0,
-            top_k=max(req.top_k or 0, 0),
-            top_p=float(req.top_p) if req.top_p is not None else 1.0,
-            repetition_penalty=float(req.repetition_penalty) if req.repetition_penalty is not None else 1.0,
-            seed=req.seed if req.seed is not None else random.getrandbits(63),
+            temperature=temperature,
+            top_k=req.top_k,
+            top_p=req.top_p,
+            repetition_penalty=req.repetition_penalty,
+            seed=req.seed,
             stop_sequences=_stop_list(req.stop, "stop"),
             ignore_eos=req.ignore_eos,
             top_n_tokens=top_n,
-            token_logprobs=output.shows_token_logprobs,
+            output=output,
         )
         return ParsedRequest(GenerationRequest(request_id, ids, params, prompt), output)

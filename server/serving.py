@@ -10,16 +10,17 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
-from backends.base import Backend, BackendStats
-from backends.types import BackendError, TokenEvent
-from server.config import ServingConfig
-from server.formatters import make_formatter
-from server.formatters.base import ResponseFormatter
-from server.metrics import Metrics
-from server.request_parser import InvalidRequest, ParsedRequest, RequestParser, decode_body
+from llm_endpoint.backends.base import Backend, BackendStats
+from llm_endpoint.backends.config import ServingConfig
+from llm_endpoint.backends.errors import BackendError
+from llm_endpoint.backends.types import TokenEvent
+from llm_endpoint.server.formatters import make_formatter
+from llm_endpoint.server.formatters.base import ResponseFormatter
+from llm_endpoint.server.metrics import Metrics
+from llm_endpoint.server.request_parser import InvalidRequest, ParsedRequest, RequestParser, decode_body
 
 log = logging.getLogger(__name__)
 # Bodies up to this size are parsed (and tokenized, ~0.2 ms) on the event loop, sparing two thread hand-offs
@@ -55,7 +56,7 @@ class Generation:
     """A started request: its formatter and its event stream, with the first event already in hand."""
 
     def __init__(
-        self, parsed: ParsedRequest, formatter: ResponseFormatter, events: AsyncIterator[TokenEvent],
+        self, parsed: ParsedRequest, formatter: ResponseFormatter, events: AsyncGenerator[TokenEvent, None],
         first: TokenEvent, arrived: float, metrics: Metrics, release: Callable[[], None],
     ) -> None:
         self.parsed = parsed
@@ -128,11 +129,12 @@ class Admission:
         """Wait for a slot; returns the (idempotent) release function. Cancellation leaves the queue."""
         if self.waiting >= self.queue_size:
             raise ServiceError(503, f"Worker queue capacity exceeded for model: {model_name}", "WlmCapacityException")
-        if self._slots is None:
+        if self._slots is None:  # created here, on the serving event loop
             self._slots = asyncio.Semaphore(self.max_running)
+        slots = self._slots
         self.waiting += 1
         try:
-            await self._slots.acquire()
+            await slots.acquire()
         finally:
             self.waiting -= 1
         self.running += 1
@@ -143,7 +145,7 @@ class Admission:
             if not released:
                 released = True
                 self.running -= 1
-                self._slots.release()
+                slots.release()
 
         return release
 

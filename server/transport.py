@@ -13,7 +13,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from server.serving import Generation, InferenceService, MidStreamError, ServiceError
+from llm_endpoint.server.serving import Generation, InferenceService, MidStreamError, ServiceError
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from llm_endpoint.backends.config import ServingConfig
+
 REPO = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 600
 _MAX_LIVE_SERVERS = 3  # each holds a model in memory; the machine has 24 GiB
@@ -88,7 +90,7 @@ def start_server(
     log_path = log_dir / f"server-{backend}-{port}.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--model-dir", str(model_dir),
+            [sys.executable, "-m", "llm_endpoint.server.cli", "serve", "--model-dir", str(model_dir),
              "--host", "127.0.0.1", "--port", str(port)],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
@@ -107,14 +109,23 @@ def start_server(
     raise RuntimeError(f"server did not become healthy in {STARTUP_TIMEOUT_S} s:\n{server.log_tail()}")
 
 
+def make_config(**fields: object) -> ServingConfig:
+    """A ServingConfig with `fields` set and the cache directory and converter the loader finds here."""
+    from llm_endpoint.server.config import load_config
+
+    found = load_config(None, {**os.environ, "OPTION_MODEL_ID": "unused"})
+    return ServingConfig(**{"cache_dir": found.cache_dir, "optimum_cli": found.optimum_cli, **fields})
+
+
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     configured = os.environ.get("LLM_ENDPOINT_TEST_MODEL_DIR")
     if configured:
         return Path(configured)
-    from server.demo_model import prepare_demo_model
+    from llm_endpoint.server.config import cache_root
+    from llm_endpoint.server.demo_model import prepare_demo_model
 
-    return prepare_demo_model()
+    return prepare_demo_model(cache_root(os.environ))
 
 
 class ServerPool:

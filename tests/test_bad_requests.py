@@ -2,7 +2,7 @@
 expected; none yields a 500; the server stays healthy; a stream running alongside the whole table completes
 intact.
 
-Statuses follow LMI (lmi-contract.md section 4.8): payload problems are 424 with `{"error": str, "code": 424}`;
+Statuses follow LMI (djl-serving's error handling): payload problems are 424 with `{"error": str, "code": 424}`;
 an oversized body is 413 with the same shape; unknown models and routes are 404, a wrong method 405, and a
 full queue 503, with LMI's Java-side `{"code", "type", "message"}`.
 """
@@ -157,7 +157,7 @@ CASES: dict[str, Case] = {
     "put-ping": Case(b"", 405, ("Method Not Allowed",), method="PUT", path="/ping"),
 }
 
-# What each status's body looks like (lmi-contract.md section 4.8).
+# What each status's body looks like (as djl-serving answers).
 ERROR_TYPES = {
     404: {"ModelNotFoundException", "ResourceNotFoundException"},
     405: {"BadRequestException", "MethodNotAllowedException"},

@@ -48,9 +48,9 @@ def test_vllm_serve_args_reproduce_our_engine_arguments(model_dir: Path):
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from backends.vllm_backend import engine_args
-    from server.cli import prepare_model
-    from server.config import load_config
+    from llm_endpoint.backends.vllm_backend import engine_args
+    from llm_endpoint.server.cli import prepare_model
+    from llm_endpoint.server.config import load_config
 
     env = {"OPTION_ROLLING_BATCH": "vllm", "OPTION_MAX_ROLLING_BATCH_SIZE": "12", "OPTION_ENFORCE_EAGER": "true",
            "OPTION_DTYPE": "fp32", "OPTION_BLOCK_SIZE": "64"}

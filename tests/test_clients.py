@@ -1,5 +1,5 @@
 """Real client libraries against a real server: huggingface_hub's InferenceClient (TGI compatibility, as
-LMI's `tgi_client.py` runs it, lmi-contract.md section 6 item 9) and the official openai client.
+LMI's `tgi_client.py` runs it) and the official openai client.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ConfigError, RollingBatch, load_config, parse_properties
+from llm_endpoint.backends.config import ConfigError, RollingBatch
+from llm_endpoint.server.config import load_config, parse_properties
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -79,7 +80,8 @@ def test_model_name_follows_lmi(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("env", "fragment"),
     [
-        ({"OPTION_MAX_ROLLING_BATCH_SIZE": "abc"}, "option.max_rolling_batch_size (env OPTION_MAX_ROLLING_BATCH_SIZE)='abc': expected an integer"),
+        ({"OPTION_MAX_ROLLING_BATCH_SIZE": "abc"},
+         "option.max_rolling_batch_size (env OPTION_MAX_ROLLING_BATCH_SIZE)='abc': expected an integer"),
         ({"OPTION_ROLLING_BATCH": "turbo"}, "option.rolling_batch (env OPTION_ROLLING_BATCH)='turbo': expected one of"),
         ({"OPTION_DTYPE": "int3"}, "option.dtype (env OPTION_DTYPE)='int3': expected one of auto, fp32"),
         ({"OPTION_TGI_COMPAT": "maybe"}, "expected true or false"),
@@ -107,7 +109,7 @@ def _serve(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OPTION_", "SERVING_"))}
     full_env.update(env)
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--port", "1", *args],
+        [sys.executable, "-m", "llm_endpoint.server.cli", "serve", "--port", "1", *args],
         cwd=REPO, env=full_env, capture_output=True, text=True, timeout=300,
     )
 

@@ -13,7 +13,7 @@ from tests.conftest import REPO
 def _run_demo_model(cache: Path) -> subprocess.Popen:
     env = {**os.environ, "LLM_ENDPOINT_CACHE": str(cache)}
     return subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "demo-model"], cwd=REPO, env=env,
+        [sys.executable, "-m", "llm_endpoint.server.cli", "demo-model"], cwd=REPO, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 

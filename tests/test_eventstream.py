@@ -13,7 +13,7 @@ from botocore.eventstream import ChecksumMismatch, EventStreamBuffer, EventStrea
 from botocore.exceptions import EventStreamError
 from botocore.parsers import create_parser
 
-from server.sagemaker.eventstream import (
+from llm_endpoint.server.sagemaker.eventstream import (
     MAX_PAYLOAD_LENGTH,
     encode_message,
     internal_stream_failure,

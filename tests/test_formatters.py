@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from backends.types import FinishReason, Token, TokenEvent
-from server.formatters import make_formatter
-from server.formatters.chat import ChatChunkFormatter, ChatCompletionFormatter
-from server.formatters.lmi import LmiJsonFormatter, LmiStreamFormatter
-from server.protocol import OutputOptions
+from llm_endpoint.backends.types import FinishReason, Token, TokenEvent
+from llm_endpoint.server.formatters import make_formatter
+from llm_endpoint.server.formatters.chat import ChatChunkFormatter, ChatCompletionFormatter
+from llm_endpoint.server.formatters.lmi import LmiJsonFormatter, LmiStreamFormatter
+from llm_endpoint.server.protocol import OutputOptions
 
 PROMPT = "This is a wonderful day"
 HE, LLO, WORLD = Token(244, "He", -0.334532), Token(576, "llo", -0.123123), Token(4558, " world", -0.567854)
@@ -434,7 +434,7 @@ def test_openai_client_reads_chat_completion(canned_server: tuple[str, Canned]) 
 
 
 def test_huggingface_client_reads_tgi_responses(canned_server: tuple[str, Canned]) -> None:
-    """lmi-contract.md §6.9: the TGI-compat integration test drives huggingface_hub's InferenceClient."""
+    """As djl-serving's tgi_client.py: the TGI-compat integration test drives huggingface_hub's InferenceClient."""
     hub = pytest.importorskip("huggingface_hub")
     url, canned = canned_server
     client = hub.InferenceClient(model=f"{url}/invocations")

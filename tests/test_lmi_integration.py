@@ -1,5 +1,5 @@
-"""The checks of LMI's own integration client (lmi-contract.md section 6, items 1-4 and 7), run against a real
-server over HTTP.
+"""The checks of LMI's own integration client (djl-serving `tests/integration/llm/client.py`, its LMI checks
+1-4 and 7), run against a real server over HTTP.
 
 `send_json` and `response_checker` are re-implemented exactly as section 6 describes djl-serving's
 `tests/integration/llm/client.py`: any status >= 300 raises, the content type is compared with exact string
@@ -30,7 +30,7 @@ SENTENCES = [
 SEQ_LEN = 16
 
 
-# ---- LMI's client, as lmi-contract.md section 6 describes it ------------------------------------------------
+# ---- LMI's client, as djl-serving's tests/integration/llm/client.py runs it ------------------------------------------------
 
 
 def send_json(url: str, data: Any, timeout: float = 120) -> requests.Response:
@@ -95,7 +95,8 @@ class FakeResponse:
         ("application/json", ""),
         ("application/json", "not json"),
         ("application/jsonlines", '{"token": {"id": 1}}\n{"error":"boom","code":424}\n'),
-        ("application/jsonlines", 'data: {"token": {"id": 1}}\ndata: {"generated_text": "", "details": {"finish_reason": "error"}}\n'),
+        ("application/jsonlines",
+         'data: {"token": {"id": 1}}\ndata: {"generated_text": "", "details": {"finish_reason": "error"}}\n'),
         ("application/jsonlines", "garbage\n\n"),
     ],
 )

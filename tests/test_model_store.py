@@ -12,8 +12,8 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from server import model_store
-from server.model_store import ModelLocationError, download_s3, resolve_model_location
+from llm_endpoint.server import model_store
+from llm_endpoint.server.model_store import ModelLocationError, download_s3, resolve_model_location
 
 BUCKET = "models-bucket"
 MODEL = {

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -22,10 +21,14 @@ import numpy as np  # noqa: E402
 import openvino as ov  # noqa: E402
 import openvino_genai as ov_genai  # noqa: E402
 
-from backends.model_files import load_tokenizer, locate_model  # noqa: E402
-from backends.openvino_backend import OpenVinoBackend, ir_cache_dir, model_path, scheduler_config  # noqa: E402
-from backends.types import BackendError, FinishReason, GenerationRequest, RequestRejected, SamplingParams  # noqa: E402
-from server.config import ConfigError, ServingConfig  # noqa: E402
+from llm_endpoint.backends.config import ConfigError  # noqa: E402
+from llm_endpoint.backends.errors import BackendError, RequestRejected  # noqa: E402
+from llm_endpoint.backends.model_files import load_tokenizer, locate_model  # noqa: E402
+from llm_endpoint.backends.openvino.adapter import OpenVinoBackend  # noqa: E402
+from llm_endpoint.backends.openvino.ir_export import ir_cache_dir  # noqa: E402
+from llm_endpoint.backends.openvino.pipeline import model_path, scheduler_config  # noqa: E402
+from llm_endpoint.backends.types import FinishReason, GenerationRequest, SamplingParams  # noqa: E402
+from tests.conftest import make_config  # noqa: E402
 
 pytestmark = pytest.mark.openvino
 # One event loop for the module, like the server's; the engine thread delivers to the requests' loops.
@@ -42,10 +45,11 @@ def gguf_path(model_dir: Path) -> Path:
     configured = os.environ.get("LLM_ENDPOINT_TEST_GGUF")
     if configured:
         return Path(configured)
-    from server.demo_model import demo_gguf_path, prepare_demo_model
+    from llm_endpoint.server.demo_model import demo_gguf_path, prepare_demo_model
 
-    prepare_demo_model()
-    return demo_gguf_path()
+    cache_dir = make_config(model_id="unused").cache_dir
+    prepare_demo_model(cache_dir)
+    return demo_gguf_path(cache_dir)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +59,7 @@ def gguf_tokenizer(gguf_path: Path):
 
 @pytest.fixture(scope="module")
 def engine(gguf_path: Path, gguf_tokenizer):
-    config = ServingConfig(model_id=str(gguf_path), rolling_batch="openvino", dtype="fp32",
+    config = make_config(model_id=str(gguf_path), rolling_batch="openvino", dtype="fp32",
                            engine_options={"cache_size": "1"})
     backend = OpenVinoBackend(config, locate_model(str(gguf_path)), gguf_tokenizer, MAX_MODEL_LEN)
     backend.load()
@@ -182,7 +186,7 @@ async def test_cancel_aborts_in_engine(engine, gguf_tokenizer):
 @module_loop
 async def test_engine_process_death_fails_requests(gguf_path, gguf_tokenizer):
     """A crashed engine process ends every open stream with an error, and later requests are refused."""
-    config = ServingConfig(model_id=str(gguf_path), rolling_batch="openvino", engine_options={"cache_size": "1"})
+    config = make_config(model_id=str(gguf_path), rolling_batch="openvino", engine_options={"cache_size": "1"})
     backend = OpenVinoBackend(config, locate_model(str(gguf_path)), gguf_tokenizer, MAX_MODEL_LEN)
     backend.load()
     try:
@@ -227,7 +231,7 @@ async def test_prompt_length_limits(engine, gguf_tokenizer):
 
 
 def test_scheduler_options(caplog):
-    config = ServingConfig(model_id="m", max_rolling_batch_size=8, engine_options={
+    config = make_config(model_id="m", max_rolling_batch_size=8, engine_options={
         "cache_size": "2", "enable_prefix_caching": "true", "max_num_batched_tokens": "512", "tensor_parallel": "x",
     })
     with caplog.at_level(logging.WARNING):
@@ -236,21 +240,21 @@ def test_scheduler_options(caplog):
             scheduler.max_num_seqs) == (2, True, 512, 8)
     assert "option.tensor_parallel" in caplog.text
     with pytest.raises(ConfigError, match="option.cache_size"):
-        scheduler_config(ServingConfig(model_id="m", engine_options={"cache_size": "lots"}))
+        scheduler_config(make_config(model_id="m", engine_options={"cache_size": "lots"}))
 
 
 @module_loop
 async def test_hf_directory_is_exported_once(model_dir: Path, tokenizer, hf_model):
     """HF dir -> IR via optimum-intel (own environment), cached; log-probs then match transformers in f32."""
-    if not (os.environ.get("LLM_ENDPOINT_OPTIMUM_CLI") or shutil.which("optimum-cli")):
+    if make_config(model_id="unused").optimum_cli is None:
         pytest.skip("no optimum-cli (set LLM_ENDPOINT_OPTIMUM_CLI to one in an optimum-intel environment)")
     import torch
 
-    config = ServingConfig(model_id=str(model_dir), rolling_batch="openvino", dtype="fp32")
+    config = make_config(model_id=str(model_dir), rolling_batch="openvino", dtype="fp32")
     backend = OpenVinoBackend(config, locate_model(str(model_dir)), tokenizer, MAX_MODEL_LEN)
     backend.load()
     try:
-        ir = ir_cache_dir(model_dir, "fp32")
+        ir = ir_cache_dir(model_dir, "fp32", config.cache_dir)
         stamp = (ir / "openvino_model.xml").stat().st_mtime_ns
         prompt_ids = tokenizer.encode(PROMPTS[1])
         events = await collect(backend, tokenizer, PROMPTS[1], "ir", max_new_tokens=12, prompt_logprobs=True)

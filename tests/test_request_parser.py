@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from server.config import ServingConfig
-from server.request_parser import RequestParser
+from llm_endpoint.server.request_parser import RequestParser
+from tests.conftest import make_config
 
 CHAT = [{"role": "user", "content": "Hi"}]
 
@@ -31,6 +31,6 @@ CHAT = [{"role": "user", "content": "Hi"}]
 def test_token_logprobs_asked_only_when_the_response_shows_them(
     tokenizer: Any, payload: dict, config: dict, accept: str | None, expected: bool
 ) -> None:
-    parser = RequestParser(ServingConfig(model_id="demo", **config), tokenizer, max_model_len=2048)
+    parser = RequestParser(make_config(model_id="demo", **config), tokenizer, max_model_len=2048)
     parsed = parser.parse(payload, "r1", accept=accept)
     assert parsed.generation.params.token_logprobs is expected

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,11 @@ import requests
 from botocore.config import Config
 from botocore.exceptions import EventStreamError
 
-from backends.base import Backend, BackendStats
-from backends.types import BackendError, GenerationRequest, TokenEvent
 from deploy.examples import continue_generation, invoke
 from deploy.examples import stream as stream_example
+from llm_endpoint.backends.base import Backend, BackendStats
+from llm_endpoint.backends.errors import BackendError
+from llm_endpoint.backends.types import GenerationRequest, TokenEvent
 from tests.conftest import REPO, free_port
 
 ENDPOINT = "llm-endpoint-test"
@@ -288,7 +289,7 @@ class FailureInjectingBackend(Backend):
     def shutdown(self) -> None:
         self.inner.shutdown()
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         prompt = request.prompt or ""
         limit = EVENTS_BEFORE_FAILURE if FAIL_MID_STREAM in prompt else 0 if FAIL_AT_START in prompt else None
         events = self.inner.generate(request)
@@ -310,9 +311,9 @@ def failing_server(model_dir: Path, backend: str) -> Iterator[str]:
     """create_app(service) as `llm-endpoint serve` builds it, with the engine wrapped, under uvicorn in a thread."""
     import uvicorn
 
-    from server.app import create_app
-    from server.cli import build_service
-    from server.config import load_config
+    from llm_endpoint.server.app import create_app
+    from llm_endpoint.server.cli import build_service
+    from llm_endpoint.server.config import load_config
 
     service = build_service(load_config(model_dir, {"OPTION_ROLLING_BATCH": backend}))
     service.backend = FailureInjectingBackend(service.backend)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from backends.text import StopSequenceFilter, TextAssembler
+from llm_endpoint.backends.text import StopSequenceFilter, TextAssembler
 
 SAMPLES = [
     "The capital of France is Paris.",

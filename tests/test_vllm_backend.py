@@ -16,10 +16,12 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from backends.model_files import locate_model  # noqa: E402
-from backends.types import FinishReason, GenerationRequest, RequestRejected, SamplingParams  # noqa: E402
-from backends.vllm_backend import VllmBackend, parse_engine_options, split_text  # noqa: E402
-from server.config import ConfigError, ServingConfig  # noqa: E402
+from llm_endpoint.backends.config import ConfigError  # noqa: E402
+from llm_endpoint.backends.errors import RequestRejected  # noqa: E402
+from llm_endpoint.backends.model_files import locate_model  # noqa: E402
+from llm_endpoint.backends.types import FinishReason, GenerationRequest, SamplingParams  # noqa: E402
+from llm_endpoint.backends.vllm_backend import VllmBackend, parse_engine_options, split_text  # noqa: E402
+from tests.conftest import make_config  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 # One event loop for the module: vLLM's output handler task lives on the loop of the first request.
@@ -53,7 +55,7 @@ def reference(model_dir: Path, tokenizer) -> dict:
 
 @pytest.fixture(scope="module")
 def engine(reference, model_dir: Path, tokenizer):
-    config = ServingConfig(
+    config = make_config(
         model_id=str(model_dir), rolling_batch="vllm", dtype="fp32", enforce_eager=True,
         engine_options={"block_size": "64"},
     )

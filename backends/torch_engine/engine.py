@@ -14,24 +14,18 @@ import queue
 import random
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from backends.base import Backend, BackendStats
-from backends.text import TextAssembler
-from backends.torch_engine.kv_cache import SlotKVCache
-from backends.torch_engine.sampling import sample_rows
-from backends.types import (
-    BackendError,
-    FinishReason,
-    GenerationRequest,
-    RequestRejected,
-    Token,
-    TokenEvent,
-)
+from llm_endpoint.backends.base import Backend, BackendStats
+from llm_endpoint.backends.errors import BackendError, RequestRejected, prompt_too_long
+from llm_endpoint.backends.text import TextAssembler
+from llm_endpoint.backends.torch_engine.kv_cache import SlotKVCache
+from llm_endpoint.backends.torch_engine.sampling import sample_rows
+from llm_endpoint.backends.types import FinishReason, GenerationRequest, Token, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -405,20 +399,18 @@ class TorchBackend(Backend):
     def shutdown(self) -> None:
         if self._engine is not None:
             self._engine.stop()
+        if self._thread is not None:
             self._thread.join(timeout=10)
 
     def stats(self) -> BackendStats:
         return self._engine.stats() if self._engine else BackendStats()
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         engine = self._engine
         if engine is None:
             raise BackendError("model is not loaded")
         if len(request.prompt_token_ids) >= self.max_model_len:
-            raise RequestRejected(
-                f"prompt has {len(request.prompt_token_ids)} tokens; the maximum is {self.max_model_len - 1} "
-                f"(option.max_model_len={self.max_model_len})"
-            )
+            raise RequestRejected(prompt_too_long(len(request.prompt_token_ids), self.max_model_len))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
 

@@ -4,9 +4,9 @@ transformers' caches assume every row of a batch sits at the same position; cont
 rows at different positions, so this cache writes each new key/value at the row's own position and
 returns keys up to the longest row; the engine masks the rest with a 4D attention mask.
 
-Shaped for what comes next: a row can be copied out and back in (stateful sessions), any span of a row can
-be dropped and the survivors compacted (StreamingLLM eviction; keys are stored post-RoPE, so re-rotation
-is the caller's job), and one step can write several tokens per row (verifying prompt-lookup drafts).
+Every row is allocated at the longest row's capacity (memory = slots x longest row); `copy_row` and
+`swap_rows` move whole rows between slots. Keys are stored post-RoPE, and one step may write several query
+tokens per row. Nothing yet drops a span of a row or moves a row out of the cache.
 """
 
 from __future__ import annotations

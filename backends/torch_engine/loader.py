@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from backends.model_files import ModelFiles
-from backends.torch_engine import attention
+from llm_endpoint.backends.model_files import ModelFiles
+from llm_endpoint.backends.torch_engine import attention
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,8 @@ def load_causal_lm(
         revision=revision,
         **files.hf_kwargs(),
     )
-    model.to(target).eval()
+    # transformers types its `to` wrapper as unbound (the call is right; its annotation is not).
+    model = model.to(target).eval()  # type: ignore[arg-type]
     params = sum(p.numel() for p in model.parameters())
     log.info("model loaded in %.1f s: %s, %.1fM parameters", time.monotonic() - started,
              type(model).__name__, params / 1e6)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from backends.types import SamplingParams
+from llm_endpoint.backends.types import SamplingParams
 
 
 @dataclass

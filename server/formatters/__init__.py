@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from server.formatters.base import ResponseFormatter
-from server.formatters.chat import ChatChunkFormatter, ChatCompletionFormatter
-from server.formatters.lmi import LmiJsonFormatter, LmiStreamFormatter
-from server.protocol import OutputOptions
+from llm_endpoint.server.formatters.base import ResponseFormatter
+from llm_endpoint.server.formatters.chat import ChatChunkFormatter, ChatCompletionFormatter
+from llm_endpoint.server.formatters.lmi import LmiJsonFormatter, LmiStreamFormatter
+from llm_endpoint.server.protocol import OutputOptions
 
 
 def make_formatter(options: OutputOptions, request_id: str) -> ResponseFormatter:

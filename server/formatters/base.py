@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import abc
 
-from backends.types import TokenEvent
-from server.protocol import OutputOptions
+from llm_endpoint.backends.types import TokenEvent
+from llm_endpoint.server.protocol import OutputOptions
 
 
 class ResponseFormatter(abc.ABC):

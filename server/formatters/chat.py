@@ -10,9 +10,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from backends.types import FinishReason, Token, TokenEvent
-from server.formatters.lmi import ERROR_CODE, BufferedFormatter, Framing, dumps, frame, stream_framing
-from server.protocol import OutputOptions
+from llm_endpoint.backends.config import ResponseFormat
+from llm_endpoint.backends.types import FinishReason, Token, TokenEvent
+from llm_endpoint.server.formatters.lmi import (
+    ERROR_CODE,
+    BufferedFormatter,
+    dumps,
+    frame,
+    stream_framing,
+)
+from llm_endpoint.server.protocol import OutputOptions
 
 # OpenAI has no finish reason for a failed generation; "error" (LMI's own value) shows the failure where
 # "stop" would pass it off as a normal end. The openai client does not validate the value.
@@ -68,7 +75,7 @@ class ChatCompletionFormatter(_ChatFormatter):
     """Non-streaming: one `chat.completion` object once generation ends."""
 
     @staticmethod
-    def _framing(options: OutputOptions) -> Framing:
+    def _framing(options: OutputOptions) -> ResponseFormat:
         return "json"
 
     def _render(self, event: TokenEvent) -> str:

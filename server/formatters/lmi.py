@@ -1,4 +1,4 @@
-"""LMI response formatters: `json`, `jsonlines`, `sse` and their `tgi_compat` variants (lmi-contract.md §4.1-4.4).
+"""LMI response formatters: `json`, `jsonlines`, `sse` and their `tgi_compat` variants.
 
 The bytes follow djl-serving's `output_formatter.py`: `json.dumps(obj, ensure_ascii=False)` with Python's
 default separators, which is what LMI's own unit tests compare against. The building blocks that the chat
@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import abc
 import json
-from typing import Any, Literal
+from typing import Any
 
-from backends.types import FinishReason, Token, TokenEvent
-from server.formatters.base import ResponseFormatter
-from server.protocol import OutputOptions
+from llm_endpoint.backends.config import ResponseFormat
+from llm_endpoint.backends.types import FinishReason, Token, TokenEvent
+from llm_endpoint.server.formatters.base import ResponseFormatter
+from llm_endpoint.server.protocol import OutputOptions
 
-Framing = Literal["json", "jsonlines", "sse"]
-
-CONTENT_TYPES: dict[Framing, str] = {
+CONTENT_TYPES: dict[ResponseFormat, str] = {
     "json": "application/json",
     "jsonlines": "application/jsonlines",
     "sse": "text/event-stream",
 }
 
-# The status LMI puts in every in-band error (`{"error": msg, "code": 424}`, lmi-contract.md §4.8).
+# The status LMI puts in every in-band error (`{"error": msg, "code": 424}`, as djl-serving's output formatters write it).
 ERROR_CODE = 424
 
 
@@ -32,12 +31,12 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False)
 
 
-def stream_framing(options: OutputOptions) -> Framing:
+def stream_framing(options: OutputOptions) -> ResponseFormat:
     """A stream is SSE when the request resolved to `sse`, else JSON lines."""
     return "sse" if options.formatter == "sse" else "jsonlines"
 
 
-def frame(payload: str, framing: Framing) -> str:
+def frame(payload: str, framing: ResponseFormat) -> str:
     """One JSON document as the wire format carries it: a bare body, a line, or an SSE event."""
     if framing == "sse":
         return f"data: {payload}\n\n"
@@ -100,7 +99,7 @@ class BufferedFormatter(ResponseFormatter):
 
     @staticmethod
     @abc.abstractmethod
-    def _framing(options: OutputOptions) -> Framing: ...
+    def _framing(options: OutputOptions) -> ResponseFormat: ...
 
     @abc.abstractmethod
     def _render(self, event: TokenEvent) -> str:
@@ -165,7 +164,7 @@ class LmiJsonFormatter(_LmiFormatter):
     """Non-streaming: `{"generated_text", "details"?}` once generation ends; a one-element array for TGI."""
 
     @staticmethod
-    def _framing(options: OutputOptions) -> Framing:
+    def _framing(options: OutputOptions) -> ResponseFormat:
         return "json"
 
     def _render(self, event: TokenEvent) -> str:

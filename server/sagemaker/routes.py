@@ -2,7 +2,7 @@
 
 A boto3 client pointed at this server with `endpoint_url` behaves as against a real endpoint: the body
 is the model payload, errors carry `x-amzn-ErrorType` so boto3 raises the modeled exception, and the
-stream route answers AWS event-stream frames (sagemaker-runtime-wire.md).
+stream route answers AWS event-stream frames (the `application/vnd.amazon.eventstream` framing that botocore decodes).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.sagemaker.eventstream import model_stream_error, payload_part
-from server.serving import Generation, InferenceService, MidStreamError, ServiceError
-from server.transport import GenerationStream, respond, start_generation
+from llm_endpoint.server.sagemaker.eventstream import model_stream_error, payload_part
+from llm_endpoint.server.serving import Generation, InferenceService, MidStreamError, ServiceError
+from llm_endpoint.server.transport import GenerationStream, respond, start_generation
 
 log = logging.getLogger(__name__)
 

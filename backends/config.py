@@ -1,0 +1,130 @@
+"""The typed serving configuration every engine is built from, and the typing of `option.X` strings.
+
+It lives on the engines' side, as DJL keeps its properties models beside the rolling batch, so backends
+never import the HTTP server; `llm_endpoint.server.config` reads the files and environment into it.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class ConfigError(Exception):
+    """Start-up configuration is invalid; the message is one line naming the option, value and what is allowed."""
+
+
+class RollingBatch(str, enum.Enum):
+    AUTO = "auto"
+    SCHEDULER = "scheduler"
+    DISABLE = "disable"
+    VLLM = "vllm"
+    OPENVINO = "openvino"
+    TRTLLM = "trtllm"
+    DEEPSPEED = "deepspeed"
+    NEURONX = "neuronx"
+
+
+# LMI names that map onto another engine (LMI v15 rewrote lmi-dist to vllm).
+ROLLING_BATCH_ALIASES = {"lmi-dist": "vllm", "tnx": "neuronx", "lmi_dist": "vllm"}
+
+# LMI's `option.output_formatter` values; also what a request's response is written as.
+ResponseFormat = Literal["json", "jsonlines", "sse"]
+DType = Literal["auto", "fp32", "fp16", "bf16"]
+_DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "half": "fp16", "float": "fp32"}
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+def parse_bool(value: str) -> bool:
+    """The one reading of a boolean setting, for our options and engine arguments alike."""
+    low = value.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError("expected true or false")
+
+
+def coerce_like(value: str, default: object) -> object:
+    """Convert `value` to the type of a setting's current value (bool, int, float or str)."""
+    if isinstance(default, bool):
+        return parse_bool(value)
+    if isinstance(default, int):
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    return value
+
+
+class ServingConfig(BaseModel):
+    """Everything the server and engines are told. Keys are named after their LMI option."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_id: str = Field(description="local HF directory, .gguf file, s3:// URI or hub id")
+    model_name: str = "model"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    task: str | None = None
+    rolling_batch: RollingBatch = RollingBatch.AUTO
+    tensor_parallel_degree: int | Literal["max"] = "max"
+    pipeline_parallel_degree: int = Field(1, ge=1)
+    max_rolling_batch_size: int | None = Field(None, ge=1, le=4096)
+    max_rolling_batch_prefill_tokens: int | None = Field(None, ge=16)
+    job_queue_size: int = Field(1000, ge=1)
+    dtype: DType = "auto"
+    max_model_len: int | None = Field(None, ge=2)
+    default_max_new_tokens: int = Field(30, ge=1)
+    output_formatter: ResponseFormat | None = None
+    tgi_compat: bool = False
+    enforce_eager: bool = False
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    quantize: str | None = None
+    model_loading_timeout: int = Field(1800, ge=1)
+    max_request_size: int = Field(64 * 1024 * 1024, ge=1024)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    engine_options: dict[str, str] = Field(default_factory=dict)
+    # Where downloads and conversions are kept (LLM_ENDPOINT_CACHE), and the optimum-intel converter that
+    # turns HF directories into OpenVINO IR (LLM_ENDPOINT_OPTIMUM_CLI, else optimum-cli on PATH).
+    cache_dir: Path
+    optimum_cli: str | None = None
+
+    @field_validator("rolling_batch", mode="before")
+    @classmethod
+    def _rolling_batch_alias(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = v.strip().lower()
+            return ROLLING_BATCH_ALIASES.get(v, v)
+        return v
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = v.strip().lower()
+            return _DTYPE_ALIASES.get(v, v)
+        return v
+
+    @field_validator("tensor_parallel_degree", mode="before")
+    @classmethod
+    def _tp(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().lower() == "max":
+            return "max"
+        return v
+
+    @field_validator("trust_remote_code", "tgi_compat", "enforce_eager", mode="before")
+    @classmethod
+    def _strict_bool(cls, v: Any) -> Any:
+        return parse_bool(v) if isinstance(v, str) else v
+
+    @property
+    def effective_max_rolling_batch_size(self) -> int:
+        """LMI's recommender default: 256 for vLLM-style engines, else 32."""
+        if self.max_rolling_batch_size is not None:
+            return self.max_rolling_batch_size
+        return 256 if self.rolling_batch in (RollingBatch.VLLM, RollingBatch.TRTLLM) else 32
