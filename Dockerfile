@@ -1,19 +1,25 @@
 # llm-endpoint: an LLM server that follows the SageMaker container contract (`serve`, port 8080, /ping,
 # /invocations, model in /opt/ml/model or HF_MODEL_ID / OPTION_MODEL_ID, s3:// included).
 #
-#   docker build -t llm-endpoint .                          # CPU image: PyTorch CPU wheel, transformers engine
+#   docker build -t llm-endpoint .                          # CPU image: PyTorch CPU wheel, transformers + OpenVINO
 #   docker build --build-arg VARIANT=gpu -t llm-endpoint:gpu .   # GPU image: CUDA PyTorch wheel + vLLM
-#   docker build --build-arg EXTRAS=s3,openvino -t llm-endpoint:ov .   # choose the extras yourself
+#   docker build --build-arg EXTRAS=s3 -t llm-endpoint:slim .    # choose the extras yourself
+#   docker build --build-arg TORCH_INDEX_URL=https://my.mirror/simple .   # torch from another index
 #
 # Both variants share the python slim base: PyTorch's CUDA wheels carry the CUDA runtime libraries, so the
 # GPU image needs only the host's NVIDIA driver, not a CUDA base image.
+#
+# The CPU image also carries optimum-intel's converter in its own venv, /opt/optimum-venv (it pins an older
+# transformers than the server's), and points LLM_ENDPOINT_OPTIMUM_CLI at it: with option.rolling_batch=auto
+# an HF model is then exported to OpenVINO IR once, cached, and served by OpenVINO GenAI.
 
 ARG BASE_IMAGE=python:3.11-slim
 ARG VARIANT=cpu
 
 FROM ${BASE_IMAGE} AS builder
 ARG VARIANT
-ARG EXTRAS=""
+# Empty: the PyTorch CPU index for cpu, PyPI (CUDA wheels) for gpu.
+ARG TORCH_INDEX_URL=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
@@ -24,15 +30,36 @@ RUN case "$VARIANT" in \
       gpu) index=https://pypi.org/simple ;; \
       *) echo "VARIANT must be cpu or gpu, not '$VARIANT'" >&2; exit 1 ;; \
     esac \
-    && pip install --index-url "$index" torch==2.13.0
+    && pip install --index-url "${TORCH_INDEX_URL:-$index}" torch==2.13.0
+# EXTRAS only now, after the torch layer: a build arg invalidates every RUN below its declaration, so
+# changing the extras reinstalls the package, not torch. Empty: s3,openvino for cpu, s3,vllm-gpu for gpu.
+ARG EXTRAS=""
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY backends ./backends
-RUN case "$VARIANT" in cpu) default=s3 ;; gpu) default=s3,vllm-gpu ;; esac \
+RUN case "$VARIANT" in cpu) default=s3,openvino ;; gpu) default=s3,vllm-gpu ;; esac \
     && pip install "/src[${EXTRAS:-$default}]"
 
+# optimum-intel, the OpenVINO HF->IR converter, in a venv of its own (as scripts/setup.sh's .venv-optimum):
+# it pins an older transformers than the server. Only runtime-cpu copies it, so a gpu build skips this stage.
+# Same path here and in the image: a venv's scripts hard-code it.
+FROM ${BASE_IMAGE} AS optimum
+ARG TORCH_INDEX_URL=""
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# The CPU torch wheel from the same index as the server's, before optimum-intel would pull a CUDA one; then
+# out with torchvision / torchaudio / torchcodec, CUDA builds from PyPI that the converter does not use.
+RUN python -m venv /opt/optimum-venv \
+    && /opt/optimum-venv/bin/pip install --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}" \
+        torch==2.13.0 \
+    && /opt/optimum-venv/bin/pip install "optimum-intel[openvino]==2.2.0" \
+    && /opt/optimum-venv/bin/pip uninstall -y torchvision torchaudio torchcodec \
+    && /opt/optimum-venv/bin/optimum-cli export openvino --help > /dev/null
+
 FROM ${BASE_IMAGE} AS runtime-cpu
+COPY --from=optimum /opt/optimum-venv /opt/optimum-venv
+# option.rolling_batch=auto picks OpenVINO on CPU for HF directories once a converter is configured.
+ENV LLM_ENDPOINT_OPTIMUM_CLI=/opt/optimum-venv/bin/optimum-cli
 
 FROM ${BASE_IMAGE} AS runtime-gpu
 # Triton (under vLLM and torch.compile) builds its CUDA launcher with the system C compiler on first use.

@@ -133,3 +133,101 @@ def test_image_runs_as_non_root_and_serves_by_default() -> None:
     assert re.search(r"^EXPOSE 8080$", final_stage, re.M)
     assert 'ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]' in final_stage
     assert 'CMD ["serve"]' in final_stage
+
+
+def instructions() -> list[tuple[str, str, str]]:
+    """(stage, keyword, arguments) for each instruction, continuation lines joined, comments dropped."""
+    result, stage, pending = [], "", ""
+    for line in DOCKERFILE.read_text().splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        pending += line.rstrip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        keyword, _, arguments = pending.strip().partition(" ")
+        pending = ""
+        if keyword == "FROM":
+            words = arguments.split()
+            stage = words[2] if len(words) == 3 and words[1].lower() == "as" else "final"
+        result.append((stage, keyword, " ".join(arguments.split())))
+    return result
+
+
+def stage(name: str) -> list[tuple[str, str]]:
+    found = [(keyword, arguments) for s, keyword, arguments in instructions() if s == name]
+    assert found, f"no stage {name}"
+    return found
+
+
+def run_step(step: str, tmp_path: Path, **env: str) -> list[str]:
+    """Run a RUN step's shell with a fake `pip` on PATH; return the argv of each pip call, one line each."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    log = tmp_path / "pip.log"
+    log.unlink(missing_ok=True)
+    fake = bin_dir / "pip"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **env}
+    subprocess.run(["sh", "-ec", step], env=env, check=True, capture_output=True)
+    return log.read_text().splitlines()
+
+
+def pip_steps() -> dict[str, str]:
+    steps = {a for k, a in stage("builder") if k == "RUN" and "pip install" in a}
+    torch_step = next(a for a in steps if "torch==" in a)
+    package_step = next(a for a in steps if "/src[" in a)
+    return {"torch": torch_step, "package": package_step}
+
+
+def test_torch_comes_from_torch_index_url_with_a_default_per_variant(tmp_path: Path) -> None:
+    step = pip_steps()["torch"]
+    pin = re.search(r'"torch==([^"]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    cpu = f"install --index-url https://download.pytorch.org/whl/cpu torch=={pin}"
+    assert run_step(step, tmp_path, VARIANT="cpu") == [cpu]
+    assert run_step(step, tmp_path, VARIANT="gpu") == [f"install --index-url https://pypi.org/simple torch=={pin}"]
+    mirror = "https://mirror.example/simple"
+    assert run_step(step, tmp_path, VARIANT="cpu", TORCH_INDEX_URL=mirror) == [
+        f"install --index-url {mirror} torch=={pin}"
+    ]
+    assert ("ARG", 'TORCH_INDEX_URL=""') in stage("builder")
+
+
+def test_extras_are_declared_after_the_torch_layer() -> None:
+    """A build arg invalidates the cache of every RUN after its declaration: EXTRAS must not reach torch."""
+    builder = stage("builder")
+    torch_at = builder.index(("RUN", pip_steps()["torch"]))
+    extras_at = next(i for i, (k, a) in enumerate(builder) if k == "ARG" and a.split("=")[0] == "EXTRAS")
+    assert torch_at < extras_at < builder.index(("RUN", pip_steps()["package"]))
+    assert not any(k == "ARG" and a.split("=")[0] == "EXTRAS" for s, k, a in instructions() if s != "builder")
+
+
+def test_default_extras_are_openvino_on_cpu_and_vllm_on_gpu(tmp_path: Path) -> None:
+    step = pip_steps()["package"]
+    assert run_step(step, tmp_path, VARIANT="cpu") == ["install /src[s3,openvino]"]
+    assert run_step(step, tmp_path, VARIANT="gpu") == ["install /src[s3,vllm-gpu]"]
+    assert run_step(step, tmp_path, VARIANT="cpu", EXTRAS="s3") == ["install /src[s3]"]
+
+
+def test_cpu_image_carries_the_optimum_converter_in_its_own_venv(tmp_path: Path) -> None:
+    """runtime-cpu copies /opt/optimum-venv and names its optimum-cli, so `auto` picks OpenVINO for HF models."""
+    cpu, gpu = stage("runtime-cpu"), stage("runtime-gpu")
+    assert ("ENV", "LLM_ENDPOINT_OPTIMUM_CLI=/opt/optimum-venv/bin/optimum-cli") in cpu
+    copies = [a.split() for k, a in cpu if k == "COPY"]
+    assert [["--from=optimum", "/opt/optimum-venv", "/opt/optimum-venv"]] == copies
+    assert not any("optimum" in a.lower() for _, a in gpu)
+    assert not any("OPTIMUM" in a for k, a in stage("final") if k == "ENV")
+    # The converter's venv: the pin scripts/setup.sh uses, after a CPU torch from TORCH_INDEX_URL.
+    (build,) = [a for k, a in stage("optimum") if k == "RUN"]
+    pin = re.search(r'"optimum-intel\[openvino\]==[^"]+"', (ROOT / "scripts" / "setup.sh").read_text()).group(0)
+    torch_pin = re.search(r'"torch==([^"]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert pin in build
+    assert ("ARG", 'TORCH_INDEX_URL=""') in stage("optimum")
+    step = build.replace("/opt/optimum-venv/bin/", "").replace("python -m venv /opt/optimum-venv", "true")
+    step = step.replace("optimum-cli export openvino --help > /dev/null", "true")
+    calls = run_step(step, tmp_path)
+    assert calls[0] == f"install --index-url https://download.pytorch.org/whl/cpu torch=={torch_pin}"
+    assert calls[1] == f"install {pin.strip(chr(34))}"
+    assert calls[2].startswith("uninstall -y torchvision")
+    assert "/opt/optimum-venv/bin/optimum-cli" in build  # smoke-run at build time
