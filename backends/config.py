@@ -10,7 +10,7 @@ import enum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class ConfigError(Exception):
@@ -35,6 +35,9 @@ ROLLING_BATCH_ALIASES = {"lmi-dist": "vllm", "tnx": "neuronx", "lmi_dist": "vllm
 ResponseFormat = Literal["json", "jsonlines", "sse"]
 DType = Literal["auto", "fp32", "fp16", "bf16"]
 _DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "half": "fp16", "float": "fp32"}
+
+# Other names users write for a setting's values, by field.
+_ALIASES = {"rolling_batch": ROLLING_BATCH_ALIASES, "dtype": _DTYPE_ALIASES}
 
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
@@ -94,20 +97,12 @@ class ServingConfig(BaseModel):
     cache_dir: Path
     optimum_cli: str | None = None
 
-    @field_validator("rolling_batch", mode="before")
+    @field_validator("rolling_batch", "dtype", mode="before")
     @classmethod
-    def _rolling_batch_alias(cls, v: Any) -> Any:
+    def _alias(cls, v: Any, info: ValidationInfo) -> Any:
         if isinstance(v, str):
             v = v.strip().lower()
-            return ROLLING_BATCH_ALIASES.get(v, v)
-        return v
-
-    @field_validator("dtype", mode="before")
-    @classmethod
-    def _dtype_alias(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = v.strip().lower()
-            return _DTYPE_ALIASES.get(v, v)
+            return _ALIASES[str(info.field_name)].get(v, v)  # field validators always know their field
         return v
 
     @field_validator("tensor_parallel_degree", mode="before")
