@@ -15,6 +15,9 @@ class BackendStats:
 
     running: int = 0
     waiting: int = 0
+    # KV-cache blocks, for engines that page their cache (ours); 0 total where the engine does not say.
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
 
 
 class Backend(abc.ABC):

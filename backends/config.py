@@ -91,6 +91,8 @@ class ServingConfig(BaseModel):
     model_loading_timeout: int = Field(1800, ge=1)
     max_request_size: int = Field(64 * 1024 * 1024, ge=1024)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # GiB of KV cache for our engine (scheduler/disable); unset: every slot at full length, at most 1/4 of RAM.
+    kv_cache_space: float | None = Field(None, gt=0)
     engine_options: dict[str, str] = Field(default_factory=dict)
     # Where downloads and conversions are kept (LLM_ENDPOINT_CACHE), and the optimum-intel converter that
     # turns HF directories into OpenVINO IR (LLM_ENDPOINT_OPTIMUM_CLI, else optimum-cli on PATH).

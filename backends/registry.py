@@ -87,6 +87,7 @@ def create_backend(config: ServingConfig, files: ModelFiles, tokenizer: Any, max
         backend = TorchBackend(
             load_model, tokenizer, max_running=max_running, max_model_len=max_model_len,
             prefill_tokens=config.max_rolling_batch_prefill_tokens or DEFAULT_PREFILL_TOKENS,
+            kv_cache_space=None if config.kv_cache_space is None else int(config.kv_cache_space * 2**30),
         )
         backend.name = choice.value
         return backend

@@ -47,6 +47,7 @@ _OPTION_FIELDS = {
     "quantize": "quantize",
     "model_loading_timeout": "model_loading_timeout",
     "device": "device",
+    "kv_cache_space": "kv_cache_space",
 }
 # Server-level keys: `key` in serving.properties or SERVING_<KEY> in the environment.
 _SERVER_FIELDS = {

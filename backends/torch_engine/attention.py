@@ -1,9 +1,8 @@
-"""Grouped-query attention that reads the slot cache in place.
+"""Attention over the paged KV cache for one packed step, shared by our Llama forward and the transformers
+fallback (registered through transformers' public AttentionInterface).
 
-With an explicit mask (which continuous batching needs), transformers' SDPA path expands every key/value
-head to all its query heads (`repeat_kv`): a full copy of each running row's cache, per layer, per step.
-Folding the query heads of a group into the query-length axis instead lets one key/value head serve its
-whole group with no copy. Registered through transformers' public AttentionInterface.
+Grouped-query heads are folded into the query axis, so one key/value head serves its whole group with no
+`repeat_kv` copy; decode rows attend as one batch, each prefill chunk on its own.
 """
 
 from __future__ import annotations
@@ -12,38 +11,58 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-NAME = "llm_endpoint_grouped_sdpa"
+from llm_endpoint.backends.torch_engine.block_cache import PagedKVCache
+from llm_endpoint.backends.torch_engine.forward_batch import ForwardBatch
+
+NAME = "llm_endpoint_paged"
 
 
-def grouped_sdpa(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """query [n, heads, q, d]; key/value [n, kv_heads, L, d]; mask bool [n, 1, q, L] -> [n, q, heads, d]."""
-    n, heads, q_len, dim = query.shape
-    kv_heads, kv_len = key.shape[1], key.shape[2]
+def attend(cache: PagedKVCache, batch: ForwardBatch, layer: int, query: torch.Tensor, scale: float) -> torch.Tensor:
+    """query [tokens, heads, dim] (this step's keys/values already written) -> [tokens, heads, dim]."""
+    tokens, heads, dim = query.shape
+    kv_heads = cache.num_kv_heads
     group = heads // kv_heads
-    # Query head j*group+i uses key/value head j (as repeat_kv lays them out).
-    folded = query.reshape(n, kv_heads, group * q_len, dim)
-    mask = attention_mask
-    if mask is None and q_len > 1:  # no mask means causal (transformers' own generate); the last q_len
-        # keys are the new tokens, and folding would break SDPA's is_causal, so spell the mask out.
-        positions = torch.arange(kv_len - q_len, kv_len, device=query.device)
-        mask = (torch.arange(kv_len, device=query.device).view(1, kv_len) <= positions.view(q_len, 1))
-        mask = mask.view(1, 1, q_len, kv_len).expand(n, 1, q_len, kv_len)
-    if mask is not None:
-        mask = mask[:, :, :, :kv_len]
-        if group > 1:
-            mask = mask.unsqueeze(2).expand(n, mask.shape[1], group, q_len, kv_len)
-            mask = mask.reshape(n, -1, group * q_len, kv_len)
-    out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
-    return out.reshape(n, heads, q_len, dim).transpose(1, 2), None
+    out = query.new_empty(query.shape)
+    n = batch.num_decode
+    if n:
+        assert batch.decode_tables is not None
+        keys, values = cache.gather(layer, batch.decode_tables)
+        folded = query[:n].view(n, kv_heads, group, dim)
+        out[:n] = F.scaled_dot_product_attention(folded, keys, values, attn_mask=batch.decode_mask, scale=scale).view(
+            n, heads, dim
+        )
+    for span in batch.prefills:
+        keys, values = cache.gather(layer, span.tables)
+        c = span.count
+        q = query[span.offset : span.offset + c].view(c, kv_heads, group, dim).permute(1, 2, 0, 3)
+        o = F.scaled_dot_product_attention(q.reshape(1, kv_heads, group * c, dim), keys, values,
+                                           attn_mask=span.mask, scale=scale)
+        out[span.offset : span.offset + c] = o.view(kv_heads, group, c, dim).permute(2, 0, 1, 3).reshape(c, heads, dim)
+    return out
 
 
-AttentionInterface.register(NAME, grouped_sdpa)
+class StepContext:
+    """The cache and batch of the forward in progress, for the transformers fallback's attention calls."""
+
+    cache: PagedKVCache | None = None
+    batch: ForwardBatch | None = None
+
+
+CURRENT = StepContext()
+
+
+def _transformers_attention(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None, **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """query [1, heads, tokens, dim] -> [1, tokens, heads, dim]; keys/values were written by the cache."""
+    cache, batch = CURRENT.cache, CURRENT.batch
+    if cache is None or batch is None:
+        raise RuntimeError(f"{NAME} attention runs only inside the engine's forward")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    layer: int = getattr(module, "layer_idx")  # noqa: B009  (a plain int on every transformers attention module)
+    out = attend(cache, batch, layer, query[0].transpose(0, 1), scale)
+    return out.unsqueeze(0), None
+
+
+AttentionInterface.register(NAME, _transformers_attention)

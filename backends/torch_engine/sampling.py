@@ -3,6 +3,9 @@
 Order and semantics follow transformers' generate (repetition penalty, then temperature, top-k, top-p),
 so greedy output matches it token for token. Reported log-probs come from the raw logits, before any of
 that: they are the model's own distribution, which is what LMI users average into a confidence score.
+
+A row that cannot be sampled (non-finite logits from the model, or probabilities its parameters made
+non-finite) yields a `RowFailure` for that row alone; every other row is drawn exactly as without it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,11 @@ class RowSample:
     token_id: int
     log_prob: float
     top: list[tuple[int, float]]  # (token id, raw log-prob), best first
+
+
+@dataclass
+class RowFailure:
+    reason: str
 
 
 def apply_repetition_penalty(scores: torch.Tensor, history: torch.Tensor, penalty: float) -> None:
@@ -41,6 +49,8 @@ def _warp_and_draw(scores: torch.Tensor, params: SamplingParams, generator: torc
         remove_sorted[-1] = False  # always keep the most likely token
         scores = scores.masked_fill(remove_sorted.scatter(0, order, remove_sorted), float("-inf"))
     probs = scores.softmax(-1)
+    if not bool(torch.isfinite(probs).all()):
+        raise FloatingPointError("the sampling parameters made the token probabilities non-finite")
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
@@ -49,31 +59,43 @@ def sample_rows(
     params: list[SamplingParams],
     histories: list[torch.Tensor | None],
     generators: list[torch.Generator | None],
-) -> list[RowSample]:
+) -> list[RowSample | RowFailure]:
     """`logits` is [rows, vocab] fp32; `histories[i]` holds row i's prompt+output ids when it needs them."""
+    finite = torch.isfinite(logits).all(dim=-1).tolist()
     raw_logprobs = torch.log_softmax(logits, dim=-1)
-    greedy_plain = [i for i, p in enumerate(params) if p.greedy and p.repetition_penalty == 1.0]
+    greedy_plain = [i for i, p in enumerate(params) if p.greedy and p.repetition_penalty == 1.0 and finite[i]]
     chosen: dict[int, int] = {}
+    failed: dict[int, RowFailure] = {}
     if greedy_plain:
         picks = logits[greedy_plain].argmax(dim=-1).tolist()
         chosen.update(zip(greedy_plain, picks))
     for i, p in enumerate(params):
         if i in chosen:
             continue
-        scores = logits[i].clone()
-        history = histories[i]
-        if p.repetition_penalty != 1.0 and history is not None and history.numel():
-            apply_repetition_penalty(scores, history, p.repetition_penalty)
-        chosen[i] = int(scores.argmax().item()) if p.greedy else _warp_and_draw(scores, p, generators[i])
+        if not finite[i]:
+            failed[i] = RowFailure("the model produced non-finite logits for this request")
+            continue
+        try:
+            chosen[i] = _choose(logits[i].clone(), p, histories[i], generators[i])
+        except (FloatingPointError, RuntimeError) as exc:  # torch reports bad probabilities as RuntimeError
+            failed[i] = RowFailure(str(exc))
 
-    ids = torch.tensor([chosen[i] for i in range(len(params))], dtype=torch.long)
+    ids = torch.tensor([chosen.get(i, 0) for i in range(len(params))], dtype=torch.long)
     chosen_logprobs = raw_logprobs.gather(1, ids.view(-1, 1)).view(-1).tolist()
-    max_top = max((p.top_n_tokens for p in params), default=0)
+    max_top = max((p.top_n_tokens for i, p in enumerate(params) if i in chosen), default=0)
     tops: list[list[tuple[int, float]]] = [[] for _ in params]
     if max_top:
         values, indices = torch.topk(raw_logprobs, max_top, dim=-1)
         for i, p in enumerate(params):
             n = p.top_n_tokens
-            if n:
+            if n and i in chosen:
                 tops[i] = list(zip(indices[i, :n].tolist(), values[i, :n].tolist()))
-    return [RowSample(chosen[i], chosen_logprobs[i], tops[i]) for i in range(len(params))]
+    return [failed[i] if i in failed else RowSample(chosen[i], chosen_logprobs[i], tops[i]) for i in range(len(params))]
+
+
+def _choose(
+    scores: torch.Tensor, params: SamplingParams, history: torch.Tensor | None, generator: torch.Generator | None
+) -> int:
+    if params.repetition_penalty != 1.0 and history is not None and history.numel():
+        apply_repetition_penalty(scores, history, params.repetition_penalty)
+    return int(scores.argmax().item()) if params.greedy else _warp_and_draw(scores, params, generator)

@@ -1,0 +1,124 @@
+"""Block-paged KV storage: memory follows the tokens held, not the longest row times every slot.
+
+Every layer's keys and values live in one pool of fixed-size blocks; a sequence owns a block table (the
+list of its blocks, in order) and its token at cache position p sits in block `table[p // block_size]`,
+offset `p % block_size`. The pool is allocated untouched (`torch.empty`), and freed blocks are reused
+last-freed-first, so resident memory grows with the tokens actually written.
+
+A table is plain data, owned by the sequence, so it can outlive a request (sessions), lose a span of
+blocks (attention sinks: `drop`) and be cut back after speculative writes (prompt lookup: `truncate`).
+Keys are stored after RoPE at their cache position.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+class OutOfBlocks(Exception):
+    """The pool cannot hold what was asked; the scheduler waits or preempts, never the process."""
+
+
+class BlockAllocator:
+    """The free list. Not thread-safe: only the engine thread touches it."""
+
+    def __init__(self, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+        if num_blocks < 1:
+            raise ValueError("the KV cache needs at least one block")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._granted: list[int] = []  # handed out since the last `take_granted`, for the cache to clear
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def missing(self, table: list[int], tokens: int) -> int:
+        """Blocks `table` still needs to hold `tokens` cache positions."""
+        return max(0, self.blocks_for(tokens) - len(table))
+
+    def grow(self, table: list[int], tokens: int) -> None:
+        """Extend `table` in place to cover `tokens` positions; all or nothing."""
+        need = self.missing(table, tokens)
+        if need > len(self._free):
+            raise OutOfBlocks(f"{need} KV blocks needed, {len(self._free)} free")
+        for _ in range(need):
+            table.append(self._free.pop())
+            self._granted.append(table[-1])
+
+    def take_granted(self) -> list[int]:
+        """Blocks handed out since the last call. They hold whatever their last owner left (possibly NaN
+        from a failed request, or never-written memory); attention weighs unwritten positions by zero, and
+        0 * NaN is NaN, so they must be cleared before use."""
+        granted, self._granted = self._granted, []
+        return granted
+
+    def truncate(self, table: list[int], tokens: int) -> None:
+        """Free the blocks past the first `tokens` positions (rolling back rejected draft tokens)."""
+        keep = self.blocks_for(tokens)
+        while len(table) > keep:
+            self._free.append(table.pop())
+
+    def drop(self, table: list[int], first: int, count: int) -> None:
+        """Free blocks `table[first:first+count]` and close the gap (evicting a span of old tokens)."""
+        self._free.extend(reversed(table[first : first + count]))
+        del table[first : first + count]
+
+    def free(self, table: list[int]) -> None:
+        self.truncate(table, 0)
+
+
+class PagedKVCache:
+    """The per-layer pools. Layout [blocks, block_size, kv_heads, head_dim]: a gather of whole blocks is one
+    contiguous copy and reads as [rows, kv_heads, length, head_dim] through a transpose, without another."""
+
+    def __init__(
+        self, *, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+        dtype: torch.dtype, device: torch.device,
+    ) -> None:
+        self.block_size = block_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    def clear(self, blocks: list[int]) -> None:
+        index = torch.tensor(blocks, dtype=torch.long, device=self.keys[0].device)
+        for pool in (*self.keys, *self.values):
+            pool.index_fill_(0, index, 0)
+
+    def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store `keys`/`values` [tokens, kv_heads, head_dim] at flat slots (block * block_size + offset)."""
+        self.keys[layer].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots, keys)
+        self.values[layer].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots, values)
+
+    def gather(self, layer: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of rows whose block tables are `tables` [rows, blocks] (padded with any valid
+        block id; the caller masks positions past each row's length), as [rows, kv_heads, length, head_dim]."""
+        rows, blocks = tables.shape
+        length = blocks * self.block_size
+
+        def read(pool: torch.Tensor) -> torch.Tensor:
+            return pool[tables].view(rows, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+
+        return read(self.keys[layer]), read(self.values[layer])
+
+
+def slot_mapping(table: list[int], start: int, count: int, block_size: int) -> list[int]:
+    """Flat slots of cache positions start..start+count-1 of a sequence with block table `table`."""
+    return [table[p // block_size] * block_size + p % block_size for p in range(start, start + count)]
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()

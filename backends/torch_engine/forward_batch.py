@@ -1,0 +1,101 @@
+"""One step's model input, laid out once per step and read by every layer: packed tokens, cache slots,
+block tables and masks. Decode rows (one token each) come first and attend as one batch; each prefill
+chunk follows and attends on its own, so no row is padded to another's length in the linear layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llm_endpoint.backends.torch_engine.block_cache import slot_mapping
+
+
+@dataclass(frozen=True)
+class Span:
+    """A run of packed tokens from one sequence, with what its attention reads."""
+
+    offset: int  # into the packed token axis
+    count: int
+    start: int  # cache position of the first token
+    table: list[int]
+
+    @property
+    def length(self) -> int:
+        """Cache entries the span's last token sees."""
+        return self.start + self.count
+
+
+@dataclass
+class PrefillAttention:
+    offset: int
+    count: int
+    tables: torch.Tensor  # [1, blocks]
+    # [1, 1, group*count, blocks*block_size], True where attention may look; rows repeat per query head of a
+    # key/value group, the layout `attention.attend` folds queries into.
+    mask: torch.Tensor
+
+
+@dataclass
+class ForwardBatch:
+    spans: list[Span]
+    input_ids: torch.Tensor  # [tokens]
+    positions: torch.Tensor  # [tokens], cache positions (what RoPE rotates by)
+    slots: torch.Tensor  # [tokens], flat cache slots the new keys/values go to
+    num_decode: int  # the first num_decode spans are single tokens attending as one batch
+    decode_tables: torch.Tensor | None  # [num_decode, blocks]
+    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, blocks*block_size]
+    prefills: list[PrefillAttention]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    @classmethod
+    def build(
+        cls, spans: list[Span], tokens: list[list[int]], *, block_size: int, group: int, device: torch.device
+    ) -> ForwardBatch:
+        """`spans` with their `tokens`, decode spans (count 1) first; `group` query heads per key/value head."""
+        num_decode = 0
+        while num_decode < len(spans) and spans[num_decode].count == 1:
+            num_decode += 1
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        for span, toks in zip(spans, tokens):
+            ids.extend(toks)
+            positions.extend(range(span.start, span.start + span.count))
+            slots.extend(slot_mapping(span.table, span.start, span.count, block_size))
+        decode_tables = decode_mask = None
+        if num_decode:
+            decode = spans[:num_decode]
+            width = max(-(-s.length // block_size) for s in decode)
+            decode_tables = torch.tensor([_padded(s.table, width) for s in decode], dtype=torch.long)
+            lengths = torch.tensor([s.length for s in decode])
+            decode_mask = (torch.arange(width * block_size).view(1, -1) < lengths.view(-1, 1)).view(num_decode, 1, 1, -1)
+        prefills = []
+        for span in spans[num_decode:]:
+            width = -(-span.length // block_size)
+            query_pos = torch.arange(span.start, span.length).view(-1, 1)
+            mask = torch.arange(width * block_size).view(1, -1) <= query_pos
+            prefills.append(PrefillAttention(
+                offset=span.offset, count=span.count,
+                tables=torch.tensor([span.table[:width]], dtype=torch.long, device=device),
+                mask=mask.view(1, 1, 1, span.count, -1).expand(1, 1, group, span.count, -1)
+                .reshape(1, 1, group * span.count, -1).to(device),
+            ))
+        return cls(
+            spans=spans,
+            input_ids=torch.tensor(ids, dtype=torch.long, device=device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            slots=torch.tensor(slots, dtype=torch.long, device=device),
+            num_decode=num_decode,
+            decode_tables=None if decode_tables is None else decode_tables.to(device),
+            decode_mask=None if decode_mask is None else decode_mask.to(device),
+            prefills=prefills,
+        )
+
+
+def _padded(table: list[int], width: int) -> list[int]:
+    """Pad with the row's own first block: any valid id works, the mask hides it."""
+    return table[:width] + [table[0]] * (width - min(width, len(table)))
