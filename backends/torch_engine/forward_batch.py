@@ -31,8 +31,8 @@ class PrefillAttention:
     offset: int
     count: int
     tables: torch.Tensor  # [1, blocks]
-    # [1, 1, group*count, blocks*block_size], True where attention may look; rows repeat per query head of a
-    # key/value group, the layout `attention.attend` folds queries into.
+    # [1, 1, group*count, blocks*block_size], additive (0 where attention may look, -inf elsewhere); rows
+    # repeat per query head of a key/value group, the layout `attention.attend` folds queries into.
     mask: torch.Tensor
 
 
@@ -44,7 +44,7 @@ class ForwardBatch:
     slots: torch.Tensor  # [tokens], flat cache slots the new keys/values go to
     num_decode: int  # the first num_decode spans are single tokens attending as one batch
     decode_tables: torch.Tensor | None  # [num_decode, blocks]
-    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, blocks*block_size]
+    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, blocks*block_size], additive
     prefills: list[PrefillAttention]
 
     @property
@@ -53,9 +53,11 @@ class ForwardBatch:
 
     @classmethod
     def build(
-        cls, spans: list[Span], tokens: list[list[int]], *, block_size: int, group: int, device: torch.device
+        cls, spans: list[Span], tokens: list[list[int]], *, block_size: int, group: int, dtype: torch.dtype,
+        device: torch.device,
     ) -> ForwardBatch:
-        """`spans` with their `tokens`, decode spans (count 1) first; `group` query heads per key/value head."""
+        """`spans` with their `tokens`, decode spans (count 1) first; `group` query heads per key/value head.
+        Masks are built once here in the attention's dtype, so no layer converts them again."""
         num_decode = 0
         while num_decode < len(spans) and spans[num_decode].count == 1:
             num_decode += 1
@@ -72,12 +74,13 @@ class ForwardBatch:
             width = max(-(-s.length // block_size) for s in decode)
             decode_tables = torch.tensor([_padded(s.table, width) for s in decode], dtype=torch.long)
             lengths = torch.tensor([s.length for s in decode])
-            decode_mask = (torch.arange(width * block_size).view(1, -1) < lengths.view(-1, 1)).view(num_decode, 1, 1, -1)
+            visible = torch.arange(width * block_size).view(1, -1) < lengths.view(-1, 1)
+            decode_mask = _additive(visible, dtype).view(num_decode, 1, 1, -1)
         prefills = []
         for span in spans[num_decode:]:
             width = -(-span.length // block_size)
             query_pos = torch.arange(span.start, span.length).view(-1, 1)
-            mask = torch.arange(width * block_size).view(1, -1) <= query_pos
+            mask = _additive(torch.arange(width * block_size).view(1, -1) <= query_pos, dtype)
             prefills.append(PrefillAttention(
                 offset=span.offset, count=span.count,
                 tables=torch.tensor([span.table[:width]], dtype=torch.long, device=device),
@@ -94,6 +97,11 @@ class ForwardBatch:
             decode_mask=None if decode_mask is None else decode_mask.to(device),
             prefills=prefills,
         )
+
+
+def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What SDPA makes of a boolean mask on every call, made once."""
+    return torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
 
 
 def _padded(table: list[int], width: int) -> list[int]:

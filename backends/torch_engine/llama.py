@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from llm_endpoint.backends.torch_engine.attention import attend
 from llm_endpoint.backends.torch_engine.block_cache import PagedKVCache
 from llm_endpoint.backends.torch_engine.forward_batch import ForwardBatch
+from llm_endpoint.backends.torch_engine.linear import PackedLinear
 
 _FAMILY = frozenset({"llama", "mistral", "qwen2"})
 
@@ -35,21 +36,22 @@ def unsupported_reason(config: Any) -> str | None:
 @dataclass
 class _Layer:
     input_norm: torch.Tensor
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
-    out: torch.Tensor
-    out_bias: torch.Tensor | None
+    qkv: PackedLinear
+    out: PackedLinear
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    gate_up_bias: torch.Tensor | None
-    down: torch.Tensor
-    down_bias: torch.Tensor | None
+    gate_up: PackedLinear
+    down: PackedLinear
 
 
-def _cat(*parts: torch.Tensor | None) -> torch.Tensor | None:
-    if any(p is None for p in parts):
-        return None
-    return torch.cat([p for p in parts if p is not None]).contiguous()
+def _fused(*linears: Any) -> PackedLinear:
+    """One projection for several that read the same input (q/k/v, gate/up): one matmul instead of three."""
+    biases = [lin.bias for lin in linears]
+    bias = None if any(b is None for b in biases) else torch.cat(biases)
+    return PackedLinear(torch.cat([lin.weight for lin in linears]).contiguous(), bias)
+
+
+def _plain(linear: Any) -> PackedLinear:
+    return PackedLinear(linear.weight, linear.bias)
 
 
 class LlamaForward:
@@ -69,22 +71,18 @@ class LlamaForward:
             attn, mlp = block.self_attn, block.mlp
             self.layers.append(_Layer(
                 input_norm=block.input_layernorm.weight,
-                qkv=_cat(attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight),  # type: ignore[arg-type]
-                qkv_bias=_cat(attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias),
-                out=attn.o_proj.weight,
-                out_bias=attn.o_proj.bias,
+                qkv=_fused(attn.q_proj, attn.k_proj, attn.v_proj),
+                out=_plain(attn.o_proj),
                 post_norm=block.post_attention_layernorm.weight,
-                gate_up=_cat(mlp.gate_proj.weight, mlp.up_proj.weight),  # type: ignore[arg-type]
-                gate_up_bias=_cat(mlp.gate_proj.bias, mlp.up_proj.bias),
-                down=mlp.down_proj.weight,
-                down_bias=mlp.down_proj.bias,
+                gate_up=_fused(mlp.gate_proj, mlp.up_proj),
+                down=_plain(mlp.down_proj),
             ))
-        self._split = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
+        self._rotated = (self.heads + self.kv_heads) * self.head_dim  # q and k lead the fused projection
+        self.packed = all(layer.qkv.packed for layer in self.layers)
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * h.to(x.dtype)
+        # transformers' LlamaRMSNorm: normalize in fp32, cast back, then scale (torch's kernel is bit-equal)
+        return weight * F.rms_norm(x.to(torch.float32), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
     def __call__(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
         """Hidden states after the final norm, [tokens, hidden]."""
@@ -93,16 +91,14 @@ class LlamaForward:
         cos, sin = cos.view(-1, 1, self.head_dim), sin.view(-1, 1, self.head_dim)
         t = x.shape[0]
         for i, layer in enumerate(self.layers):
-            h = self._rms(x, layer.input_norm)
-            q, k, v = F.linear(h, layer.qkv, layer.qkv_bias).split(self._split, dim=-1)
-            q = _rope(q.view(t, self.heads, self.head_dim), cos, sin)
-            k = _rope(k.view(t, self.kv_heads, self.head_dim), cos, sin)
-            cache.write(i, batch.slots, k, v.reshape(t, self.kv_heads, self.head_dim))
+            qkv = layer.qkv(self._rms(x, layer.input_norm))
+            qk = _rope(qkv[:, : self._rotated].view(t, -1, self.head_dim), cos, sin)  # q and k in one pass
+            q, k = qk[:, : self.heads], qk[:, self.heads :]
+            cache.write(i, batch.slots, k, qkv[:, self._rotated :].view(t, self.kv_heads, self.head_dim))
             a = attend(cache, batch, i, q, self.scale)
-            x = x + F.linear(a.view(t, -1), layer.out, layer.out_bias)
-            h = self._rms(x, layer.post_norm)
-            gate, up = F.linear(h, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+            x = x + layer.out(a.view(t, -1))
+            gate, up = layer.gate_up(self._rms(x, layer.post_norm)).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
         return self._rms(x, self.norm)
 
 

@@ -12,6 +12,7 @@ import torch
 from llm_endpoint.backends.torch_engine import llama
 from llm_endpoint.backends.torch_engine.block_cache import PagedKVCache
 from llm_endpoint.backends.torch_engine.forward_batch import ForwardBatch, Span
+from llm_endpoint.backends.torch_engine.linear import PackedLinear
 from llm_endpoint.backends.torch_engine.sampling import RowFailure, RowSample, sample_rows
 from llm_endpoint.backends.torch_engine.scheduler import Chunk
 from llm_endpoint.backends.torch_engine.transformers_forward import TransformersForward
@@ -41,7 +42,9 @@ class ModelRunner:
             self._forward = TransformersForward(model)
             log.info("engine forward: transformers' (%s)", reason or "asked for")
         self.native = isinstance(self._forward, llama.LlamaForward)
-        self._lm_head = model.get_output_embeddings()
+        head = model.get_output_embeddings()
+        self._lm_head = PackedLinear(head.weight, head.bias)
+        self._dtype = head.weight.dtype
         heads = config.num_attention_heads
         self._group = heads // (getattr(config, "num_key_value_heads", None) or heads)
         self._device = next(model.parameters()).device
@@ -55,7 +58,7 @@ class ModelRunner:
             offset += chunk.count
         tokens = [c.seq.tokens[c.start : c.start + c.count] for c in chunks]
         batch = ForwardBatch.build(spans, tokens, block_size=self.cache.block_size, group=self._group,
-                                   device=self._device)
+                                   dtype=self._dtype, device=self._device)
         hidden = self._forward(batch, self.cache)
         results = [ChunkResult(c) for c in chunks]
         self._prompt_logprobs(results, spans, hidden)

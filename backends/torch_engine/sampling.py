@@ -61,7 +61,7 @@ def sample_rows(
     generators: list[torch.Generator | None],
 ) -> list[RowSample | RowFailure]:
     """`logits` is [rows, vocab] fp32; `histories[i]` holds row i's prompt+output ids when it needs them."""
-    finite = torch.isfinite(logits).all(dim=-1).tolist()
+    finite = torch.isfinite(logits.sum(dim=-1)).tolist()  # a NaN or inf anywhere makes the row's sum one
     raw_logprobs = torch.log_softmax(logits, dim=-1)
     greedy_plain = [i for i, p in enumerate(params) if p.greedy and p.repetition_penalty == 1.0 and finite[i]]
     chosen: dict[int, int] = {}

@@ -1,0 +1,416 @@
+"""Our engine without HTTP: the paged cache, the sampler, the scheduler under block pressure, and the
+engine's output against transformers with rows joining and leaving."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from llm_endpoint.backends.errors import BackendError
+from llm_endpoint.backends.text import TextAssembler
+from llm_endpoint.backends.torch_engine import attention
+from llm_endpoint.backends.torch_engine.block_cache import BlockAllocator, OutOfBlocks, PagedKVCache, slot_mapping
+from llm_endpoint.backends.torch_engine.engine import TorchEngine, kv_cache_blocks
+from llm_endpoint.backends.torch_engine.sampling import RowFailure, RowSample, sample_rows
+from llm_endpoint.backends.torch_engine.scheduler import Scheduler
+from llm_endpoint.backends.torch_engine.sequence import Sequence, Status
+from llm_endpoint.backends.types import GenerationRequest, SamplingParams, TokenEvent
+
+# ---- block allocator and paged cache -------------------------------------------------------------
+
+
+def test_allocator_grows_all_or_nothing_and_reuses_freed_blocks() -> None:
+    allocator = BlockAllocator(num_blocks=4, block_size=4)
+    a: list[int] = []
+    allocator.grow(a, 9)  # 3 blocks
+    assert len(a) == 3 and allocator.free_blocks == 1
+    b: list[int] = []
+    with pytest.raises(OutOfBlocks):
+        allocator.grow(b, 8)  # needs 2, 1 free
+    assert b == [] and allocator.free_blocks == 1
+    allocator.grow(a, 12)  # still 3 blocks: no new one
+    assert len(a) == 3
+    last = a[-1]
+    allocator.truncate(a, 5)  # rolling back drafts: positions 5.. go, block 2 with them
+    assert len(a) == 2 and allocator.free_blocks == 2
+    allocator.grow(b, 4)
+    assert b == [last]  # last freed, first reused
+    allocator.free(a)
+    allocator.free(b)
+    assert allocator.free_blocks == 4 and allocator.used_blocks == 0
+
+
+def test_allocator_drop_closes_the_gap_and_reports_granted_blocks() -> None:
+    allocator = BlockAllocator(num_blocks=6, block_size=2)
+    table: list[int] = []
+    allocator.grow(table, 12)
+    assert sorted(allocator.take_granted()) == sorted(table)
+    assert allocator.take_granted() == []
+    first, middle, rest = table[0], table[1:3], table[3:]
+    allocator.drop(table, 1, 2)
+    assert table == [first, *rest] and allocator.free_blocks == 2
+    refill: list[int] = []
+    allocator.grow(refill, 4)
+    assert sorted(refill) == sorted(middle)
+    assert sorted(allocator.take_granted()) == sorted(middle)
+
+
+def test_paged_cache_reads_back_what_was_written_through_a_scattered_table() -> None:
+    block_size, kv_heads, dim = 4, 2, 8
+    cache = PagedKVCache(num_layers=2, num_blocks=8, block_size=block_size, num_kv_heads=kv_heads, head_dim=dim,
+                         dtype=torch.float32, device=torch.device("cpu"))
+    cache.clear(list(range(8)))
+    table = [5, 2, 7]  # not in order, not contiguous
+    length = 10
+    keys = torch.randn(length, kv_heads, dim)
+    values = torch.randn(length, kv_heads, dim)
+    slots = torch.tensor(slot_mapping(table, 0, length, block_size))
+    cache.write(1, slots, keys, values)
+    got_k, got_v = cache.gather(1, torch.tensor([table]))
+    assert got_k.shape == (1, kv_heads, 12, dim)
+    assert torch.equal(got_k[0, :, :length], keys.transpose(0, 1))
+    assert torch.equal(got_v[0, :, :length], values.transpose(0, 1))
+    other_k, _ = cache.gather(0, torch.tensor([table]))
+    assert not other_k.any()  # layer 0 untouched
+    cache.write(1, slots[4:6], keys[:2] + 1, values[:2])  # overwrite positions 4, 5 only
+    got_k, _ = cache.gather(1, torch.tensor([table]))
+    assert torch.equal(got_k[0, :, 4:6], (keys[:2] + 1).transpose(0, 1))
+    assert torch.equal(got_k[0, :, :4], keys[:4].transpose(0, 1))
+    cache.clear([2])
+    got_k, _ = cache.gather(1, torch.tensor([table]))
+    assert not got_k[0, :, 4:8].any() and torch.equal(got_k[0, :, :4], keys[:4].transpose(0, 1))
+
+
+def test_kv_cache_sizing_follows_the_space_option_and_refuses_too_little() -> None:
+    @dataclass
+    class Config:
+        num_attention_heads: int = 9
+        num_key_value_heads: int = 3
+        hidden_size: int = 576
+        num_hidden_layers: int = 30
+
+    per_block = 16 * 2 * 30 * 3 * 64 * 2  # block_size * (k, v) * layers * kv_heads * head_dim * bf16
+    blocks = kv_cache_blocks(Config(), dtype=torch.bfloat16, max_running=32, max_model_len=2048,
+                             space_bytes=1000 * per_block)
+    assert blocks == 1000
+    with pytest.raises(ValueError, match="kv_cache_space"):
+        kv_cache_blocks(Config(), dtype=torch.bfloat16, max_running=32, max_model_len=2048, space_bytes=per_block)
+    unbounded = kv_cache_blocks(Config(), dtype=torch.bfloat16, max_running=4, max_model_len=2048, space_bytes=None)
+    assert unbounded == 4 * (2048 // 16 + 1)  # every slot at full length fits in a quarter of RAM here
+
+
+# ---- sampler -------------------------------------------------------------------------------------
+
+VOCAB = 50
+
+
+def _logits(rows: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, VOCAB, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def _draw(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int | None]) -> list[RowSample | RowFailure]:
+    generators = [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
+    histories = [torch.tensor([1, 2, 3]) if p.repetition_penalty != 1.0 else None for p in params]
+    return sample_rows(logits, params, histories, generators)
+
+
+GREEDY = SamplingParams()
+SAMPLED = SamplingParams(do_sample=True, temperature=0.8, top_k=20, top_p=0.9)
+PENALIZED = SamplingParams(repetition_penalty=1.3)
+
+
+def test_greedy_rows_take_the_argmax_with_raw_log_probs() -> None:
+    logits = _logits(3)
+    samples = _draw(logits, [GREEDY, GREEDY, SamplingParams(top_n_tokens=3)], [None] * 3)
+    raw = torch.log_softmax(logits, dim=-1)
+    for row, sample in enumerate(samples):
+        assert isinstance(sample, RowSample)
+        assert sample.token_id == int(logits[row].argmax())
+        assert sample.log_prob == pytest.approx(float(raw[row].max()))
+    top = samples[2].top  # type: ignore[union-attr]
+    assert [t for t, _ in top] == raw[2].topk(3).indices.tolist()
+
+
+def test_seeded_sampling_repeats_and_seeds_differ() -> None:
+    logits = (_logits(1) / 6).expand(64, VOCAB).contiguous()  # flat enough that seeds pick different tokens
+    first = _draw(logits, [SAMPLED] * 64, list(range(64)))
+    again = _draw(logits, [SAMPLED] * 64, list(range(64)))
+    assert [s.token_id for s in first] == [s.token_id for s in again]  # type: ignore[union-attr]
+    assert len({s.token_id for s in first}) > 1  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("poison", [
+    pytest.param(("logits", float("nan")), id="nan-logits"),
+    pytest.param(("logits", float("inf")), id="inf-logits"),
+    pytest.param(("params", SamplingParams(do_sample=True, temperature=1e-45)), id="tiny-temperature"),
+    pytest.param(("params", SamplingParams(do_sample=True, repetition_penalty=1e-40)), id="tiny-penalty"),
+])
+def test_a_poisoned_row_fails_alone_and_its_neighbours_are_unchanged(poison: tuple[str, Any]) -> None:
+    healthy = [GREEDY, SAMPLED, PENALIZED]
+    seeds: list[int | None] = [None, 11, None]
+    logits = _logits(len(healthy))
+    solo = [_draw(logits[i : i + 1], [p], [s])[0] for i, (p, s) in enumerate(zip(healthy, seeds))]
+
+    kind, value = poison
+    bad_logits = _logits(1, seed=5)
+    bad_params = SamplingParams(do_sample=True)
+    if kind == "logits":
+        bad_logits[0, 7] = value
+    else:
+        bad_params = value
+    mixed_logits = torch.cat([logits[:1], bad_logits, logits[1:]])
+    mixed = _draw(mixed_logits, [healthy[0], bad_params, *healthy[1:]], [seeds[0], 3, *seeds[1:]])
+
+    assert isinstance(mixed[1], RowFailure) and mixed[1].reason
+    assert [mixed[0], mixed[2], mixed[3]] == solo
+
+
+# ---- scheduler -----------------------------------------------------------------------------------
+
+
+def _sequence(request_id: str, prompt: list[int], max_new_tokens: int = 8, **params: Any) -> Sequence:
+    request = GenerationRequest(request_id, tuple(prompt), SamplingParams(max_new_tokens=max_new_tokens, **params))
+    return Sequence(request=request, deliver=lambda event: None, assembler=None, generator=None)  # type: ignore[arg-type]
+
+
+def _step(scheduler: Scheduler) -> list[tuple[str, int, int]]:
+    """Schedule, and pretend the model ran: every chunk is computed and each sampling chunk adds token 0."""
+    chunks = scheduler.schedule()
+    for chunk in chunks:
+        chunk.seq.computed += chunk.count
+        chunk.seq.cache_len += chunk.count
+        if chunk.samples:
+            chunk.seq.tokens.append(0)
+            if chunk.seq.num_output >= chunk.seq.request.params.max_new_tokens:
+                scheduler.remove(chunk.seq)
+    return [(c.seq.request.request_id, c.start, c.count) for c in chunks]
+
+
+def test_scheduler_admits_by_free_blocks_and_queues_the_rest() -> None:
+    allocator = BlockAllocator(num_blocks=6, block_size=4)
+    scheduler = Scheduler(allocator, max_running=8, prefill_tokens=64)
+    long = _sequence("long", list(range(16)))  # 4 blocks
+    short = _sequence("short", list(range(4)))  # 1 block, but only 2 free and one is the reserve for "long"
+    later = _sequence("later", list(range(3)))
+    for seq in (long, short, later):
+        scheduler.add(seq)
+    assert _step(scheduler) == [("long", 0, 16), ("short", 0, 4)]
+    assert later.status is Status.WAITING  # no block left beyond the two running sequences' reserve
+    assert allocator.used_blocks == 5
+
+
+def test_scheduler_splits_prefill_within_the_token_budget_and_keeps_decoding() -> None:
+    allocator = BlockAllocator(num_blocks=32, block_size=4)
+    scheduler = Scheduler(allocator, max_running=8, prefill_tokens=8)
+    first = _sequence("first", [1, 2, 3])
+    scheduler.add(first)
+    assert _step(scheduler) == [("first", 0, 3)]
+    scheduler.add(_sequence("big", list(range(20))))
+    assert _step(scheduler) == [("first", 3, 1), ("big", 0, 8)]
+    assert _step(scheduler) == [("first", 4, 1), ("big", 8, 8)]
+    assert _step(scheduler) == [("first", 5, 1), ("big", 16, 4)]
+    assert _step(scheduler) == [("first", 6, 1), ("big", 20, 1)]
+
+
+def test_scheduler_preempts_the_youngest_under_block_pressure_and_loses_nothing() -> None:
+    allocator = BlockAllocator(num_blocks=5, block_size=2)
+    scheduler = Scheduler(allocator, max_running=4, prefill_tokens=64)
+    old = _sequence("old", [1, 2, 3], max_new_tokens=6)
+    young = _sequence("young", [4, 5, 6], max_new_tokens=6)
+    scheduler.add(old)
+    scheduler.add(young)
+    finished: dict[str, int] = {}
+    for _ in range(60):
+        _step(scheduler)
+        for seq in (old, young):
+            if seq.status is Status.FINISHED:
+                finished[seq.request.request_id] = seq.num_output
+        if len(finished) == 2:
+            break
+        assert allocator.used_blocks <= allocator.num_blocks
+    assert finished == {"old": 6, "young": 6}
+    assert scheduler.preemptions >= 1
+    assert allocator.used_blocks == 0
+
+
+# ---- the engine on the real model ----------------------------------------------------------------
+
+
+@dataclass
+class _Stream:
+    prompt: str
+    max_new_tokens: int
+    params: dict[str, Any] = field(default_factory=dict)
+    events: list[TokenEvent] = field(default_factory=list)
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [e.token.id for e in self.events]
+
+
+class _EngineHarness:
+    """The engine loop on its own thread, with the model loaded there (as TorchBackend does)."""
+
+    def __init__(self, model_dir: Path, tokenizer: Any, *, dtype: torch.dtype = torch.float32, **engine: Any) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.tokenizer = tokenizer
+        self.engine: TorchEngine | None = None
+        ready = threading.Event()
+
+        def loop() -> None:
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype,
+                                                         attn_implementation=attention.NAME).eval()
+            self.engine = TorchEngine(model, tokenizer, **{"max_running": 8, "max_model_len": 2048, **engine})
+            ready.set()
+            self.engine.run()
+
+        self.thread = threading.Thread(target=loop, daemon=True)
+        self.thread.start()
+        assert ready.wait(300)
+
+    def submit(self, stream: _Stream, *, on_event: Any = None) -> None:
+        assert self.engine is not None
+        ids = tuple(self.tokenizer(stream.prompt)["input_ids"])
+        params = SamplingParams(max_new_tokens=stream.max_new_tokens, **stream.params)
+        request = GenerationRequest(f"r{id(stream)}", ids, params)
+
+        def deliver(item: TokenEvent | BaseException) -> None:
+            if isinstance(item, BaseException):
+                stream.error = item
+                stream.done.set()
+                return
+            if on_event is not None:
+                on_event(stream, item)
+            stream.events.append(item)
+            if item.finished:
+                stream.done.set()
+
+        generator = torch.Generator().manual_seed(params.seed or 0) if params.do_sample else None
+        assembler = TextAssembler(self.tokenizer, ids, params.stop_sequences, special_ids=self.engine.special_ids)
+        self.engine.submit(Sequence(request=request, deliver=deliver, assembler=assembler, generator=generator))
+
+    def stop(self) -> None:
+        assert self.engine is not None
+        self.engine.stop()
+        self.thread.join(30)
+
+
+PROMPTS = [
+    "Hi",
+    "The capital of France is",
+    "Write a short poem about the sea, the wind, and a lighthouse keeper who waits for a ship.",
+    "Explain, step by step and with an example, how a hash table handles collisions when two different "
+    "keys land in the same bucket, and why the load factor matters for performance in practice.",
+    "List three colours:",
+]
+
+
+def _reference(hf_model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> list[int]:
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = hf_model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, ids.shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("forward", ["native", "transformers"])
+def test_engine_greedy_equals_transformers_with_rows_joining_and_leaving(
+    model_dir: Path, tokenizer: Any, hf_model: Any, forward: str
+) -> None:
+    # small prefill chunks and blocks so prompts span several chunks and blocks, and rows of different
+    # lengths decode together while others are still prefilling
+    harness = _EngineHarness(model_dir, tokenizer, forward=forward, prefill_tokens=16, block_size=4)
+    try:
+        first_wave = [_Stream(PROMPTS[0], 20), _Stream(PROMPTS[3], 12), _Stream(PROMPTS[1], 30)]
+        second_wave = [_Stream(PROMPTS[2], 16), _Stream(PROMPTS[4], 24)]
+        pending = list(second_wave)
+
+        def join_after_five(stream: _Stream, event: TokenEvent) -> None:
+            if len(stream.events) == 4 and pending:  # the fifth token: the others join mid-stream
+                harness.submit(pending.pop(0))
+
+        for stream in first_wave:
+            harness.submit(stream, on_event=join_after_five)
+        for stream in first_wave + second_wave:
+            assert stream.done.wait(300), stream.prompt
+        assert harness.engine is not None and harness.engine.allocator.used_blocks == 0
+    finally:
+        harness.stop()
+    for stream in first_wave + second_wave:
+        assert stream.error is None, stream.error
+        assert stream.token_ids == _reference(hf_model, tokenizer, stream.prompt, stream.max_new_tokens), stream.prompt
+
+
+def test_engine_fails_only_the_poisoned_request(model_dir: Path, tokenizer: Any) -> None:
+    """Whatever slips past validation fails its own request: a sampler poison and a consumer that raises."""
+    healthy = [_Stream(PROMPTS[1], 16, {"ignore_eos": True}),
+               _Stream(PROMPTS[2], 16, {"do_sample": True, "seed": 4, "temperature": 0.7, "ignore_eos": True})]
+
+    def run(with_poison: bool) -> list[list[int]]:
+        streams = [_Stream(s.prompt, s.max_new_tokens, s.params) for s in healthy]
+        harness = _EngineHarness(model_dir, tokenizer)
+        try:
+            poisons: list[_Stream] = []
+            if with_poison:
+                poisons = [_Stream(PROMPTS[0], 16, {"do_sample": True, "temperature": 1e-45}),
+                           _Stream(PROMPTS[4], 16, {"repetition_penalty": 1e-40, "do_sample": True}),
+                           _Stream(PROMPTS[3], 16, {"ignore_eos": True})]
+
+                def explode(stream: _Stream, event: TokenEvent) -> None:
+                    if stream is poisons[2] and len(stream.events) == 2:
+                        raise RuntimeError("consumer broke")
+
+                for poison in poisons:
+                    harness.submit(poison, on_event=explode)
+            for stream in streams:
+                harness.submit(stream)
+            for stream in streams + poisons:
+                assert stream.done.wait(300)
+            for poison in poisons:
+                assert isinstance(poison.error, BackendError), poison.params
+            if with_poison:
+                assert len(poisons[2].events) == 2  # what it had before its consumer broke
+        finally:
+            harness.stop()
+        for stream in streams:
+            assert stream.error is None and len(stream.events) == 16
+        return [s.token_ids for s in streams]
+
+    assert run(with_poison=True) == run(with_poison=False)
+
+
+def test_engine_under_block_pressure_queues_and_finishes_every_request(model_dir: Path, tokenizer: Any) -> None:
+    """A pool of two full-length sequences, eight requests at once: seven fit their prompts, one waits,
+    and the seven cannot all grow to ~4 blocks in a 14-block pool, so some are preempted. None is lost,
+    and each one's output is what it is alone."""
+    max_model_len = 96
+    block_bytes = 16 * 2 * 30 * 3 * 64 * 4  # fp32 demo model
+    space = (2 * (max_model_len // 16 + 1)) * block_bytes
+    streams = [_Stream(PROMPTS[i % len(PROMPTS)] + f" ({i})", 40) for i in range(8)]
+    harness = _EngineHarness(model_dir, tokenizer, max_model_len=max_model_len, kv_cache_space=space)
+    try:
+        for stream in streams:
+            harness.submit(stream)
+        for stream in streams:
+            assert stream.done.wait(300)
+        engine = harness.engine
+        assert engine is not None and engine.allocator.num_blocks == 2 * (max_model_len // 16 + 1)
+        pressure = engine.scheduler.preemptions
+        solo: list[list[int]] = []
+        for stream in streams:
+            alone = _Stream(stream.prompt, stream.max_new_tokens)
+            harness.submit(alone)
+            assert alone.done.wait(300)
+            solo.append(alone.token_ids)
+    finally:
+        harness.stop()
+    assert [s.error for s in streams] == [None] * 8
+    assert [s.token_ids for s in streams] == solo
+    assert pressure > 0
