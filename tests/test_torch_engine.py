@@ -16,6 +16,7 @@ from llm_endpoint.backends.text import TextAssembler
 from llm_endpoint.backends.torch_engine import attention
 from llm_endpoint.backends.torch_engine.block_cache import BlockAllocator, OutOfBlocks, PagedKVCache, slot_mapping
 from llm_endpoint.backends.torch_engine.engine import TorchEngine, kv_cache_blocks
+from llm_endpoint.backends.torch_engine.forward_batch import ForwardBatch, Span
 from llm_endpoint.backends.torch_engine.sampling import RowFailure, RowSample, sample_rows
 from llm_endpoint.backends.torch_engine.scheduler import Scheduler
 from llm_endpoint.backends.torch_engine.sequence import Sequence, Status
@@ -102,6 +103,18 @@ def test_kv_cache_sizing_follows_the_space_option_and_refuses_too_little() -> No
         kv_cache_blocks(Config(), dtype=torch.bfloat16, max_running=32, max_model_len=2048, space_bytes=per_block)
     unbounded = kv_cache_blocks(Config(), dtype=torch.bfloat16, max_running=4, max_model_len=2048, space_bytes=None)
     assert unbounded == 4 * (2048 // 16 + 1)  # every slot at full length fits in a quarter of RAM here
+
+
+def test_a_long_decode_row_does_not_pad_the_short_ones() -> None:
+    """Decode rows attend in groups of similar length: the short rows' gathered keys stay short."""
+    lengths = [5, 20, 33, 40, 8000]  # ascending, as the model runner orders them
+    spans = [Span(i, 1, n - 1, list(range(-(-n // 16)))) for i, n in enumerate(lengths)]
+    batch = ForwardBatch.build(spans, [[1]] * len(spans), block_size=16, group=3, dtype=torch.float32,
+                               device=torch.device("cpu"))
+    groups = [(g.start, g.stop, g.tables.shape[1]) for g in batch.decode_groups]
+    assert groups == [(0, 4, 3), (4, 5, 500)]
+    first = batch.decode_groups[0]
+    assert (first.mask[:, 0, 0] == 0).sum(dim=-1).tolist() == lengths[:4]  # each row sees its own length
 
 
 # ---- sampler -------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 fallback (registered through transformers' public AttentionInterface).
 
 Grouped-query heads are folded into the query axis, so one key/value head serves its whole group with no
-`repeat_kv` copy; decode rows attend as one batch, each prefill chunk on its own.
+`repeat_kv` copy; decode rows attend in groups of similar length, each prefill chunk on its own.
 """
 
 from __future__ import annotations
@@ -23,14 +23,12 @@ def attend(cache: PagedKVCache, batch: ForwardBatch, layer: int, query: torch.Te
     kv_heads = cache.num_kv_heads
     group = heads // kv_heads
     out = query.new_empty(query.shape)
-    n = batch.num_decode
-    if n:
-        assert batch.decode_tables is not None
-        keys, values = cache.gather(layer, batch.decode_tables)
-        folded = query[:n].view(n, kv_heads, group, dim)
-        out[:n] = F.scaled_dot_product_attention(folded, keys, values, attn_mask=batch.decode_mask, scale=scale).view(
-            n, heads, dim
-        )
+    for rows in batch.decode_groups:
+        keys, values = cache.gather(layer, rows.tables)
+        n = rows.stop - rows.start
+        folded = query[rows.start : rows.stop].view(n, kv_heads, group, dim)
+        out[rows.start : rows.stop] = F.scaled_dot_product_attention(
+            folded, keys, values, attn_mask=rows.mask, scale=scale).view(n, heads, dim)
     for span in batch.prefills:
         keys, values = cache.gather(layer, span.tables)
         c = span.count

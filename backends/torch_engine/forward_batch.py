@@ -1,6 +1,8 @@
 """One step's model input, laid out once per step and read by every layer: packed tokens, cache slots,
-block tables and masks. Decode rows (one token each) come first and attend as one batch; each prefill
-chunk follows and attends on its own, so no row is padded to another's length in the linear layers."""
+block tables and masks. Decode rows (one token each) come first, in order of length, and attend in groups
+of similar length; each prefill chunk follows and attends on its own. No row is padded to another's length
+in the linear layers, and in attention only within its group: one 8k-token row among short ones would
+otherwise make every row's gathered keys and values 8k long, in every layer, every step."""
 
 from __future__ import annotations
 
@@ -27,6 +29,20 @@ class Span:
 
 
 @dataclass
+class DecodeGroup:
+    start: int  # packed rows start..stop-1, one token each
+    stop: int
+    tables: torch.Tensor  # [rows, blocks], padded with each row's own first block
+    mask: torch.Tensor  # [rows, 1, 1, blocks*block_size], additive
+
+
+# A decode row joins the current group while its block count is at most this multiple of the group's first
+# (shortest) row, or within this many blocks of it: padding costs at most ~2x a row's own reads.
+GROUP_RATIO = 2
+GROUP_SLACK_BLOCKS = 8
+
+
+@dataclass
 class PrefillAttention:
     offset: int
     count: int
@@ -42,9 +58,8 @@ class ForwardBatch:
     input_ids: torch.Tensor  # [tokens]
     positions: torch.Tensor  # [tokens], cache positions (what RoPE rotates by)
     slots: torch.Tensor  # [tokens], flat cache slots the new keys/values go to
-    num_decode: int  # the first num_decode spans are single tokens attending as one batch
-    decode_tables: torch.Tensor | None  # [num_decode, blocks]
-    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, blocks*block_size], additive
+    num_decode: int  # the first num_decode spans are single tokens, shortest first
+    decode_groups: list[DecodeGroup]
     prefills: list[PrefillAttention]
 
     @property
@@ -56,8 +71,9 @@ class ForwardBatch:
         cls, spans: list[Span], tokens: list[list[int]], *, block_size: int, group: int, dtype: torch.dtype,
         device: torch.device,
     ) -> ForwardBatch:
-        """`spans` with their `tokens`, decode spans (count 1) first; `group` query heads per key/value head.
-        Masks are built once here in the attention's dtype, so no layer converts them again."""
+        """`spans` with their `tokens`, decode spans (count 1) first and in ascending length; `group` query
+        heads per key/value head. Masks are built once here in the attention's dtype, so no layer converts
+        them again."""
         num_decode = 0
         while num_decode < len(spans) and spans[num_decode].count == 1:
             num_decode += 1
@@ -68,14 +84,8 @@ class ForwardBatch:
             ids.extend(toks)
             positions.extend(range(span.start, span.start + span.count))
             slots.extend(slot_mapping(span.table, span.start, span.count, block_size))
-        decode_tables = decode_mask = None
-        if num_decode:
-            decode = spans[:num_decode]
-            width = max(-(-s.length // block_size) for s in decode)
-            decode_tables = torch.tensor([_padded(s.table, width) for s in decode], dtype=torch.long)
-            lengths = torch.tensor([s.length for s in decode])
-            visible = torch.arange(width * block_size).view(1, -1) < lengths.view(-1, 1)
-            decode_mask = _additive(visible, dtype).view(num_decode, 1, 1, -1)
+        decode_groups = [_decode_group(spans, start, stop, block_size, dtype, device)
+                         for start, stop in _similar_lengths(spans[:num_decode], block_size)]
         prefills = []
         for span in spans[num_decode:]:
             width = -(-span.length // block_size)
@@ -93,10 +103,36 @@ class ForwardBatch:
             positions=torch.tensor(positions, dtype=torch.long, device=device),
             slots=torch.tensor(slots, dtype=torch.long, device=device),
             num_decode=num_decode,
-            decode_tables=None if decode_tables is None else decode_tables.to(device),
-            decode_mask=None if decode_mask is None else decode_mask.to(device),
+            decode_groups=decode_groups,
             prefills=prefills,
         )
+
+
+def _similar_lengths(decode: list[Span], block_size: int) -> list[tuple[int, int]]:
+    """Ranges of `decode` (ascending length) that attend as one batch."""
+    ranges: list[tuple[int, int]] = []
+    start = 0
+    for i, span in enumerate(decode):
+        first = -(-decode[start].length // block_size)
+        blocks = -(-span.length // block_size)
+        if blocks > max(GROUP_RATIO * first, first + GROUP_SLACK_BLOCKS):
+            ranges.append((start, i))
+            start = i
+    if decode:
+        ranges.append((start, len(decode)))
+    return ranges
+
+
+def _decode_group(
+    spans: list[Span], start: int, stop: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> DecodeGroup:
+    rows = spans[start:stop]
+    width = -(-rows[-1].length // block_size)
+    tables = torch.tensor([_padded(s.table, width) for s in rows], dtype=torch.long)
+    lengths = torch.tensor([s.length for s in rows])
+    visible = torch.arange(width * block_size).view(1, -1) < lengths.view(-1, 1)
+    mask = _additive(visible, dtype).view(len(rows), 1, 1, -1)
+    return DecodeGroup(start, stop, tables.to(device), mask.to(device))
 
 
 def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -50,7 +50,10 @@ class ModelRunner:
         self._device = next(model.parameters()).device
 
     def execute(self, chunks: list[Chunk]) -> list[ChunkResult]:
-        """Chunks with single tokens must come first (the scheduler's order)."""
+        """Chunks with single tokens must come first (the scheduler's order); results follow the order the
+        model saw them in (single tokens by ascending length, for `ForwardBatch`'s decode groups)."""
+        decoding = next((i for i, c in enumerate(chunks) if c.count != 1), len(chunks))
+        chunks = sorted(chunks[:decoding], key=lambda c: c.seq.cache_len) + chunks[decoding:]
         spans: list[Span] = []
         offset = 0
         for chunk in chunks:
