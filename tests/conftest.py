@@ -25,9 +25,11 @@ from llm_endpoint.backends.config import ServingConfig
 REPO = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 600
 _MAX_LIVE_SERVERS = 3  # each holds a model in memory; the machine has 24 GiB
-# Conformance servers compare against transformers in fp32, so every engine runs fp32 (vLLM and OpenVINO
-# default to bf16/fp16 on CPU); vLLM without graph compilation keeps start-up at ~30 s instead of ~2 min.
+# Conformance servers compare against transformers in fp32, so every engine runs fp32 (all three default to
+# bf16/fp16 on CPUs with native bf16); vLLM without graph compilation keeps start-up at ~30 s instead of ~2 min.
 BACKEND_DEFAULTS: dict[str, dict[str, str]] = {
+    "scheduler": {"dtype": "fp32"},
+    "disable": {"dtype": "fp32"},
     "vllm": {"dtype": "fp32", "enforce_eager": "true"},
     "openvino": {"dtype": "fp32"},
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,10 +25,22 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 matmuls run in hardware (elsewhere oneDNN emulates them, slower than fp32)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto`: fp32 on CPU (exact, and what transformers' reference output uses), bf16 on GPU."""
+    """`auto`: bf16 on GPU and on CPUs with native bf16 (on the 2-core AVX-512 BF16 VM our engine decodes
+    ~1.4x faster than in fp32, README Performance), else fp32. Output equal to transformers' own token
+    for token is a property of fp32: ask for `option.dtype=fp32` for that."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        native_bf16 = device.type == "cuda" or (device.type == "cpu" and _cpu_has_native_bf16())
+        return torch.bfloat16 if native_bf16 else torch.float32
     return _DTYPES[dtype]
 
 
