@@ -6,10 +6,12 @@ Unknown fields are accepted and ignored, as LMI does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic_core import PydanticCustomError
 
 from llm_endpoint.backends.config import ResponseFormat
 
@@ -17,12 +19,42 @@ from llm_endpoint.backends.config import ResponseFormat
 MAX_SEED = 2**63 - 1
 MAX_STOP_SEQUENCES = 16
 MAX_TOP_N_TOKENS = 20
+# The smallest temperature that samples. Sampling divides the logits by the temperature, so a tiny one
+# (1e-45) overflows them to inf and the probabilities to NaN; vLLM silently clamps anything below 0.01 up to
+# it. One explicit floor, enforced here, keeps every backend identical: 0 means greedy, and anything else
+# below the floor is refused with a 424 rather than silently changed by one engine and overflowing another.
+MIN_TEMPERATURE = 0.01
+# Repetition penalty divides (or multiplies) seen tokens' logits, so the same overflow applies to tiny values.
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 100
 
 Number = StrictInt | StrictFloat
 
 
+def _in_range(low: float, high: float, *, greedy_zero: bool = False) -> Callable[[float], float]:
+    """A check that `low <= value <= high` (or `value == 0` with `greedy_zero`), failing with one message
+    that names the whole allowed range; request_parser shows it as "'<field>' must be ... (got <value>)"."""
+    allowed = f"between {low:g} and {high:g}"
+    if greedy_zero:
+        allowed = f"0 (greedy) or {allowed}"
+
+    def check(value: float) -> float:
+        if not (low <= value <= high or (greedy_zero and value == 0)):
+            raise PydanticCustomError("out_of_range", "must be {allowed}", {"allowed": allowed})
+        return value
+
+    return check
+
+
+LmiTemperature = Annotated[Number, AfterValidator(_in_range(MIN_TEMPERATURE, 100, greedy_zero=True))]
+ChatTemperature = Annotated[Number, AfterValidator(_in_range(MIN_TEMPERATURE, 2, greedy_zero=True))]
+RepetitionPenalty = Annotated[Number, AfterValidator(_in_range(MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY))]
+
+
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # JSON has no NaN or Infinity, but Python's json accepts them as literals (and 1e999 as inf): no
+    # number field of any body takes them, bounded or not.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class LmiParameters(_Lenient):
@@ -30,10 +62,10 @@ class LmiParameters(_Lenient):
 
     do_sample: StrictBool | None = None
     seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED)
-    temperature: Number | None = Field(None, ge=0, le=100)
+    temperature: LmiTemperature | None = None
     top_k: StrictInt | None = Field(None, ge=-1)
     top_p: Number | None = Field(None, gt=0, le=1)
-    repetition_penalty: Number | None = Field(None, gt=0, le=100)
+    repetition_penalty: RepetitionPenalty | None = None
     max_new_tokens: StrictInt | None = Field(None, ge=1)
     details: StrictBool | None = None
     return_full_text: StrictBool | None = None
@@ -70,12 +102,12 @@ class ChatCompletionRequest(_Lenient):
     model: StrictStr | None = None
     max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
-    temperature: Number | None = Field(None, ge=0, le=2)
+    temperature: ChatTemperature | None = None
     top_p: Number | None = Field(None, gt=0, le=1)
     top_k: StrictInt | None = Field(None, ge=-1)
     frequency_penalty: Number | None = Field(None, ge=-2, le=2)
     presence_penalty: Number | None = Field(None, ge=-2, le=2)
-    repetition_penalty: Number | None = Field(None, gt=0, le=100)
+    repetition_penalty: RepetitionPenalty | None = None
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_N_TOKENS)
     n: StrictInt = Field(1, ge=1, le=1)

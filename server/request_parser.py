@@ -93,8 +93,12 @@ def _validation_message(exc: ValidationError) -> str:
         return f"Invalid request payload: '{loc}' is required"
     got = err.get("input")
     shown = repr(got) if not isinstance(got, (dict, list)) or len(str(got)) < 80 else type(got).__name__
-    # A value that fits no branch of a union: list what each branch would have taken.
     same_field = [e for e in errors if _field(e["loc"]) == loc]
+    if err["type"] == "out_of_range":  # protocol's range checks word their own "must be ..."
+        return f"Invalid request payload: '{loc}' {err['msg']} (got {shown})"
+    if any(e["type"] == "finite_number" for e in same_field):  # NaN, Infinity, -Infinity, 1e999
+        return f"Invalid request payload: '{loc}' must be a finite number (got {shown})"
+    # A value that fits no branch of a union: list what each branch would have taken.
     kinds = list(dict.fromkeys(_EXPECTED[e["type"]] for e in same_field if e["type"] in _EXPECTED))
     if len(same_field) > 1 and kinds:
         if kinds == ["an integer", "a number"]:

@@ -1,4 +1,5 @@
-"""RequestParser decisions that no response shows directly (what it asks the engine for)."""
+"""RequestParser decisions that no response shows directly (what it asks the engine for), and the numbers it
+refuses before any engine sees them."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from llm_endpoint.server.request_parser import RequestParser
+from llm_endpoint.server.request_parser import InvalidRequest, RequestParser, decode_body
 from tests.conftest import make_config
 
 CHAT = [{"role": "user", "content": "Hi"}]
@@ -34,3 +35,95 @@ def test_token_logprobs_asked_only_when_the_response_shows_them(
     parser = RequestParser(make_config(model_id="demo", **config), tokenizer, max_model_len=2048)
     parsed = parser.parse(payload, "r1", accept=accept)
     assert parsed.generation.params.token_logprobs is expected
+
+
+# ---- numbers that can never sample: refused with a 424 naming the field and its allowed range ----------------
+
+LMI_TEMPERATURE = "must be 0 (greedy) or between 0.01 and 100"
+CHAT_TEMPERATURE = "must be 0 (greedy) or between 0.01 and 2"
+PENALTY = "must be between 0.01 and 100"
+FINITE = "must be a finite number"
+
+
+def _lmi_body(field: str, raw: str) -> bytes:
+    """An LMI body with `raw` as the field's JSON text, verbatim (NaN and Infinity are literals Python's json
+    accepts), decoded as the server decodes it."""
+    return f'{{"inputs": "Hi", "parameters": {{"do_sample": true, "{field}": {raw}}}}}'.encode()
+
+
+def _chat_body(field: str, raw: str) -> bytes:
+    return f'{{"messages": [{{"role": "user", "content": "Hi"}}], "{field}": {raw}}}'.encode()
+
+
+def _parse(tokenizer: Any, body: bytes):
+    parser = RequestParser(make_config(model_id="demo"), tokenizer, max_model_len=2048)
+    return parser.parse(decode_body(body, "application/json"), "r1")
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "expected"),
+    [
+        (_lmi_body("temperature", "1e-45"), "'parameters.temperature'", LMI_TEMPERATURE),
+        (_lmi_body("temperature", "0.009"), "'parameters.temperature'", LMI_TEMPERATURE),
+        (_lmi_body("temperature", "-1"), "'parameters.temperature'", LMI_TEMPERATURE),
+        (_lmi_body("temperature", "-1e-45"), "'parameters.temperature'", LMI_TEMPERATURE),
+        (_lmi_body("temperature", "100.001"), "'parameters.temperature'", LMI_TEMPERATURE),
+        (_lmi_body("temperature", "NaN"), "'parameters.temperature'", FINITE),
+        (_lmi_body("temperature", "Infinity"), "'parameters.temperature'", FINITE),
+        (_lmi_body("temperature", "-Infinity"), "'parameters.temperature'", FINITE),
+        (_lmi_body("temperature", "1e999"), "'parameters.temperature'", FINITE),  # json reads it as inf
+        (_lmi_body("repetition_penalty", "1e-40"), "'parameters.repetition_penalty'", PENALTY),
+        (_lmi_body("repetition_penalty", "0"), "'parameters.repetition_penalty'", PENALTY),
+        (_lmi_body("repetition_penalty", "-2"), "'parameters.repetition_penalty'", PENALTY),
+        (_lmi_body("repetition_penalty", "100.5"), "'parameters.repetition_penalty'", PENALTY),
+        (_lmi_body("repetition_penalty", "NaN"), "'parameters.repetition_penalty'", FINITE),
+        (_lmi_body("top_p", "NaN"), "'parameters.top_p'", FINITE),
+        (_lmi_body("top_p", "Infinity"), "'parameters.top_p'", FINITE),
+        (_chat_body("temperature", "1e-45"), "'temperature'", CHAT_TEMPERATURE),
+        (_chat_body("temperature", "2.5"), "'temperature'", CHAT_TEMPERATURE),
+        (_chat_body("temperature", "NaN"), "'temperature'", FINITE),
+        (_chat_body("repetition_penalty", "1e-40"), "'repetition_penalty'", PENALTY),
+        (_chat_body("repetition_penalty", "Infinity"), "'repetition_penalty'", FINITE),
+        (_chat_body("top_p", "-Infinity"), "'top_p'", FINITE),
+        (_chat_body("frequency_penalty", "NaN"), "'frequency_penalty'", FINITE),
+        (_chat_body("presence_penalty", "Infinity"), "'presence_penalty'", FINITE),
+    ],
+    ids=lambda v: v.decode() if isinstance(v, bytes) else None,
+)
+def test_numbers_that_cannot_sample_are_refused(tokenizer: Any, body: bytes, field: str, expected: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        _parse(tokenizer, body)
+    message = str(caught.value)
+    assert caught.value.status == 424
+    assert message.startswith(f"Invalid request payload: {field} {expected} (got "), message
+
+
+def test_the_refusal_shows_the_value_sent(tokenizer: Any) -> None:
+    with pytest.raises(InvalidRequest, match=r"'parameters\.temperature' must be 0 \(greedy\) or between 0\.01 and "
+                                             r"100 \(got 1e-45\)$"):
+        _parse(tokenizer, _lmi_body("temperature", "1e-45"))
+
+
+@pytest.mark.parametrize(
+    ("body", "temperature", "do_sample"),
+    [
+        (b'{"inputs": "Hi", "parameters": {"temperature": 0}}', 1.0, False),  # 0 is greedy
+        (b'{"inputs": "Hi", "parameters": {"temperature": 0.0, "do_sample": true}}', 1.0, False),
+        (b'{"inputs": "Hi", "parameters": {"temperature": -0.0}}', 1.0, False),
+        (b'{"inputs": "Hi", "parameters": {"temperature": 0.01}}', 0.01, True),
+        (b'{"inputs": "Hi", "parameters": {"temperature": 100}}', 100.0, True),
+        (b'{"messages": [{"role": "user", "content": "Hi"}], "temperature": 0}', 1.0, False),
+        (b'{"messages": [{"role": "user", "content": "Hi"}], "temperature": 0.01}', 0.01, True),
+        (b'{"messages": [{"role": "user", "content": "Hi"}], "temperature": 2}', 2.0, True),
+    ],
+)
+def test_temperature_boundaries_are_accepted(tokenizer: Any, body: bytes, temperature: float, do_sample: bool) -> None:
+    params = _parse(tokenizer, body).generation.params
+    assert (params.temperature, params.do_sample) == (temperature, do_sample)
+
+
+@pytest.mark.parametrize("value", ["0.01", "1", "100"])
+@pytest.mark.parametrize("make_body", [_lmi_body, _chat_body])
+def test_repetition_penalty_boundaries_are_accepted(tokenizer: Any, make_body, value: str) -> None:
+    params = _parse(tokenizer, make_body("repetition_penalty", value)).generation.params
+    assert params.repetition_penalty == float(value)
