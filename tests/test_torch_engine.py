@@ -21,6 +21,7 @@ from llm_endpoint.backends.torch_engine.sampling import RowFailure, RowSample, s
 from llm_endpoint.backends.torch_engine.scheduler import Scheduler
 from llm_endpoint.backends.torch_engine.sequence import Sequence, Status
 from llm_endpoint.backends.types import GenerationRequest, SamplingParams, TokenEvent
+from tests.test_reference_equivalence import PROMPTS
 
 # ---- block allocator and paged cache -------------------------------------------------------------
 
@@ -316,14 +317,6 @@ class _EngineHarness:
         self.thread.join(30)
 
 
-PROMPTS = [
-    "Hi",
-    "The capital of France is",
-    "Write a short poem about the sea, the wind, and a lighthouse keeper who waits for a ship.",
-    "Explain, step by step and with an example, how a hash table handles collisions when two different "
-    "keys land in the same bucket, and why the load factor matters for performance in practice.",
-    "List three colours:",
-]
 
 
 def _reference(hf_model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> list[int]:
