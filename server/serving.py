@@ -7,6 +7,7 @@ Both `/invocations` and the SageMaker runtime routes drive generation through `G
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import time
@@ -169,7 +170,7 @@ class InferenceService:
     def stats(self) -> BackendStats:
         """Queue depth counts requests waiting for a slot here and inside the engine."""
         engine = self.backend.stats()
-        return BackendStats(running=engine.running, waiting=self.admission.waiting + engine.waiting)
+        return dataclasses.replace(engine, waiting=self.admission.waiting + engine.waiting)
 
     def load(self) -> None:
         """Blocking: load weights. Records the outcome for /ping."""

@@ -420,3 +420,38 @@ def test_engine_under_block_pressure_queues_and_finishes_every_request(model_dir
     assert [s.error for s in streams] == [None] * 8
     assert [s.token_ids for s in streams] == solo
     assert pressure > 0
+
+
+# ---- over HTTP -----------------------------------------------------------------------------------
+
+
+def _kv_blocks(url: str) -> dict[str, float]:
+    import requests
+
+    found = {}
+    for line in requests.get(url + "/metrics", timeout=10).text.splitlines():
+        for state in ("used", "free"):
+            if line.startswith(f'llm_kv_cache_blocks{{state="{state}"}} '):
+                found[state] = float(line.split()[1])
+    assert set(found) == {"used", "free"}, "llm_kv_cache_blocks is not in /metrics"
+    return found
+
+
+def test_metrics_report_kv_blocks_held_by_a_running_request(servers: Any) -> None:
+    import requests
+
+    from tests.test_disconnect import wait_until
+
+    url = servers.get("scheduler").url
+    assert wait_until(lambda: _kv_blocks(url)["used"] == 0, 30) is not None
+    total = _kv_blocks(url)["free"]
+    body = {"inputs": PROMPTS[3], "stream": True, "parameters": {"max_new_tokens": 200, "ignore_eos_token": True}}
+    with requests.post(url + "/invocations", json=body, stream=True, timeout=300) as res:
+        lines = res.iter_lines()
+        for _ in range(40):
+            next(lines)
+        during = _kv_blocks(url)
+        for _ in lines:
+            pass
+    assert during["used"] >= 80 // 16 and during["used"] + during["free"] == total  # 40+ prompt, 40 output tokens
+    assert wait_until(lambda: _kv_blocks(url) == {"used": 0, "free": total}, 30) is not None
