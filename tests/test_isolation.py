@@ -32,6 +32,7 @@ HEALTHY_PROMPTS = [
 ]
 HEALTHY_TOKENS = 32
 FIRE_INTERVAL_S = 0.05  # between one poison's shots: steady pressure without starving two CPU cores
+STALL_S = 90  # a healthy stream takes seconds; this long without progress is a stall, reported with the gauges
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def _healthy_body(prompt: str) -> dict[str, Any]:
 
 
 def _stream_healthy(url: str, prompt: str, first_token: threading.Event | None = None) -> Output:
-    with requests.post(url + "/invocations", json=_healthy_body(prompt), stream=True, timeout=300) as res:
+    with requests.post(url + "/invocations", json=_healthy_body(prompt), stream=True, timeout=STALL_S) as res:
         assert res.status_code == 200, res.text[:300]
         assert res.headers["content-type"] == "application/jsonlines"
         chunks = []
@@ -73,7 +74,7 @@ def _stream_healthy(url: str, prompt: str, first_token: threading.Event | None =
 # ---- the poisons: each sends once and checks its own answer -------------------------------------------------
 
 
-def _post(url: str, body: dict[str, Any] | bytes, timeout: float = 120) -> requests.Response:
+def _post(url: str, body: dict[str, Any] | bytes, timeout: float = STALL_S) -> requests.Response:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     return requests.post(url + "/invocations", data=data, headers={"content-type": "application/json"},
                          timeout=timeout)
@@ -106,7 +107,7 @@ def nan_temperature(url: str, backend: str) -> None:
 def disconnect_mid_stream(url: str, backend: str) -> None:
     body: dict[str, Any] = {"inputs": "Count slowly:", "stream": True,
                             "parameters": {"max_new_tokens": 2000, "ignore_eos_token": True}}
-    with requests.post(url + "/invocations", json=body, stream=True, timeout=120) as res:
+    with requests.post(url + "/invocations", json=body, stream=True, timeout=STALL_S) as res:
         assert res.status_code == 200, res.text[:300]
         lines = res.iter_lines()
         for _ in range(2):
@@ -185,9 +186,17 @@ class Shots:
     failure: str | None = None
 
 
+def _gauges(url: str) -> str:
+    try:
+        return (f"running {metric(url, 'llm_running_batch_size'):g}, queued {metric(url, 'llm_queue_depth'):g}, "
+                f"generated tokens {metric(url, 'llm_generation_tokens_total'):g}")
+    except Exception as exc:  # noqa: BLE001 -- the server may be what is stuck
+        return f"/metrics failed: {type(exc).__name__}: {exc}"
+
+
 def _fire(poison: Callable[[str, str], None], server: RunningServer, go: threading.Event, stop: threading.Event,
           shots: Shots) -> None:
-    go.wait(120)
+    go.wait(STALL_S)
     while not stop.is_set():
         shots.starts.append(time.monotonic())
         try:
@@ -228,16 +237,19 @@ def test_healthy_streams_are_untouched_by_a_poisoned_neighbour(
     for thread in streams + firing:
         thread.start()
     try:
-        assert all(event.wait(120) for event in first_tokens), "the healthy streams did not start"
+        assert all(event.wait(STALL_S) for event in first_tokens), f"the healthy streams did not start ({_gauges(url)})"
         started_all = time.monotonic()
         all_streaming.set()
+        deadline = started_all + STALL_S
         for thread in streams:
-            thread.join(300)
+            thread.join(max(0.0, deadline - time.monotonic()))
+        stuck = [prompt for prompt, thread in zip(HEALTHY_PROMPTS, streams) if thread.is_alive()]
+        assert not stuck, f"healthy streams unfinished {STALL_S} s after they started: {stuck} ({_gauges(url)})"
     finally:
         stop.set()
         all_streaming.set()
         for thread in firing:
-            thread.join(120)
+            thread.join(STALL_S)
 
     assert errors == [None] * len(HEALTHY_PROMPTS), errors
     for prompt, alone, together in zip(HEALTHY_PROMPTS, solo, outputs):
