@@ -70,6 +70,7 @@ def _child(model_dir: str) -> dict[str, Any]:
     import torch
     from transformers import AutoConfig
 
+    # from the config here, not the engine's helper: the baseline revision's tree has none
     model_config = AutoConfig.from_pretrained(model_dir)
     heads = model_config.num_attention_heads
     kv_heads = getattr(model_config, "num_key_value_heads", None) or heads

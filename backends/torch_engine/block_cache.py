@@ -12,9 +12,47 @@ Keys are stored after RoPE at their cache position.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 DEFAULT_BLOCK_SIZE = 16
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """A checkpoint's attention heads; transformers configs may leave out `num_key_value_heads` (no GQA)
+    and `head_dim` (hidden_size / heads)."""
+
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, config: Any) -> AttentionShape:
+        heads = config.num_attention_heads
+        return cls(
+            layers=config.num_hidden_layers,
+            heads=heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        )
+
+    @property
+    def group(self) -> int:
+        """Query heads per key/value head."""
+        return self.heads // self.kv_heads
+
+    def block_bytes(self, block_size: int, dtype: torch.dtype) -> int:
+        """Keys and values of `block_size` tokens over every layer."""
+        return block_size * 2 * self.layers * self.kv_heads * self.head_dim * dtype.itemsize
+
+
+def blocks_for(tokens: int, block_size: int) -> int:
+    """Blocks that hold `tokens` cache positions."""
+    return -(-tokens // block_size)
 
 
 class OutOfBlocks(Exception):
@@ -41,7 +79,7 @@ class BlockAllocator:
         return self.num_blocks - len(self._free)
 
     def blocks_for(self, tokens: int) -> int:
-        return -(-tokens // self.block_size)
+        return blocks_for(tokens, self.block_size)
 
     def missing(self, table: list[int], tokens: int) -> int:
         """Blocks `table` still needs to hold `tokens` cache positions."""
@@ -118,7 +156,3 @@ class PagedKVCache:
 def slot_mapping(table: list[int], start: int, count: int, block_size: int) -> list[int]:
     """Flat slots of cache positions start..start+count-1 of a sequence with block table `table`."""
     return [table[p // block_size] * block_size + p % block_size for p in range(start, start + count)]
-
-
-def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()

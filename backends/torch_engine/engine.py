@@ -30,9 +30,10 @@ from llm_endpoint.backends.errors import BackendError, RequestRejected, prompt_t
 from llm_endpoint.backends.text import TextAssembler
 from llm_endpoint.backends.torch_engine.block_cache import (
     DEFAULT_BLOCK_SIZE,
+    AttentionShape,
     BlockAllocator,
     PagedKVCache,
-    kv_bytes_per_token,
+    blocks_for,
 )
 from llm_endpoint.backends.torch_engine.model_runner import ChunkResult, ModelRunner
 from llm_endpoint.backends.torch_engine.output import OutputStep, eos_token_ids
@@ -53,11 +54,8 @@ def kv_cache_blocks(
 ) -> int:
     """Pool size: `space_bytes` if given, else enough for every slot at full length but at most a quarter
     of RAM; never less than one full-length sequence (so every admitted request can finish alone)."""
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    per_block = block_size * kv_bytes_per_token(
-        config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head_dim, dtype)
-    one_sequence = -(-max_model_len // block_size) + 1
+    per_block = AttentionShape.of(config).block_bytes(block_size, dtype)
+    one_sequence = blocks_for(max_model_len, block_size) + 1
     if space_bytes is not None:
         blocks = space_bytes // per_block
         if blocks < one_sequence:
@@ -91,20 +89,16 @@ class TorchEngine:
         self.max_model_len = max_model_len
         config = model.config
         param = next(model.parameters())
-        heads = config.num_attention_heads
+        shape = AttentionShape.of(config)
         num_blocks = kv_cache_blocks(config, dtype=param.dtype, max_running=max_running,
                                      max_model_len=max_model_len, space_bytes=kv_cache_space, block_size=block_size)
         self.allocator = BlockAllocator(num_blocks, block_size)
         cache = PagedKVCache(
-            num_layers=config.num_hidden_layers, num_blocks=num_blocks, block_size=block_size,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-            dtype=param.dtype, device=param.device,
+            num_layers=shape.layers, num_blocks=num_blocks, block_size=block_size, num_kv_heads=shape.kv_heads,
+            head_dim=shape.head_dim, dtype=param.dtype, device=param.device,
         )
-        self.block_bytes = block_size * kv_bytes_per_token(
-            config.num_hidden_layers, cache.num_kv_heads, cache.head_dim, param.dtype)
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB reserved, touched as used)", num_blocks, block_size,
-                 num_blocks * self.block_bytes / 2**30)
+                 num_blocks * shape.block_bytes(block_size, param.dtype) / 2**30)
         self.runner = ModelRunner(model, cache, forward=forward)
         self.output = OutputStep(tokenizer, eos_token_ids(model, tokenizer), max_model_len)
         self.special_ids = self.output.special_ids

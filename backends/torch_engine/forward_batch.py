@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llm_endpoint.backends.torch_engine.block_cache import slot_mapping
+from llm_endpoint.backends.torch_engine.block_cache import blocks_for, slot_mapping
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class ForwardBatch:
                          for start, stop in _similar_lengths(spans[:num_decode], block_size)]
         prefills = []
         for span in spans[num_decode:]:
-            width = -(-span.length // block_size)
+            width = blocks_for(span.length, block_size)
             query_pos = torch.arange(span.start, span.length).view(-1, 1)
             mask = _additive(torch.arange(width * block_size).view(1, -1) <= query_pos, dtype)
             prefills.append(PrefillAttention(
@@ -113,8 +113,8 @@ def _similar_lengths(decode: list[Span], block_size: int) -> list[tuple[int, int
     ranges: list[tuple[int, int]] = []
     start = 0
     for i, span in enumerate(decode):
-        first = -(-decode[start].length // block_size)
-        blocks = -(-span.length // block_size)
+        first = blocks_for(decode[start].length, block_size)
+        blocks = blocks_for(span.length, block_size)
         if blocks > max(GROUP_RATIO * first, first + GROUP_SLACK_BLOCKS):
             ranges.append((start, i))
             start = i
@@ -127,7 +127,7 @@ def _decode_group(
     spans: list[Span], start: int, stop: int, block_size: int, dtype: torch.dtype, device: torch.device
 ) -> DecodeGroup:
     rows = spans[start:stop]
-    width = -(-rows[-1].length // block_size)
+    width = blocks_for(rows[-1].length, block_size)
     tables = torch.tensor([_padded(s.table, width) for s in rows], dtype=torch.long)
     lengths = torch.tensor([s.length for s in rows])
     visible = torch.arange(width * block_size).view(1, -1) < lengths.view(-1, 1)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from llm_endpoint.backends.torch_engine.attention import attend
-from llm_endpoint.backends.torch_engine.block_cache import PagedKVCache
+from llm_endpoint.backends.torch_engine.block_cache import AttentionShape, PagedKVCache
 from llm_endpoint.backends.torch_engine.forward_batch import ForwardBatch
 from llm_endpoint.backends.torch_engine.linear import PackedLinear
 
@@ -58,9 +58,8 @@ class LlamaForward:
     def __init__(self, model: Any) -> None:
         config = model.config
         base = model.model
-        self.heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        shape = AttentionShape.of(config)
+        self.heads, self.kv_heads, self.head_dim = shape.heads, shape.kv_heads, shape.head_dim
         self.scale = self.head_dim**-0.5
         self.eps = config.rms_norm_eps
         self.embed = base.embed_tokens.weight

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from llm_endpoint.backends.torch_engine import llama
-from llm_endpoint.backends.torch_engine.block_cache import PagedKVCache
+from llm_endpoint.backends.torch_engine.block_cache import AttentionShape, PagedKVCache
 from llm_endpoint.backends.torch_engine.forward_batch import ForwardBatch, Span
 from llm_endpoint.backends.torch_engine.linear import PackedLinear
 from llm_endpoint.backends.torch_engine.sampling import RowFailure, RowSample, sample_rows
@@ -36,17 +36,16 @@ class ModelRunner:
         if forward == "native" and reason:
             raise ValueError(f"our forward cannot run this model: {reason}")
         if forward != "transformers" and reason is None:
-            self._forward: llama.LlamaForward | TransformersForward = llama.LlamaForward(model)
-            log.info("engine forward: ours (Llama family)")
+            native = llama.LlamaForward(model)
+            self._forward: llama.LlamaForward | TransformersForward = native
+            log.info("engine forward: ours (Llama family%s)", ", weights packed for oneDNN" if native.packed else "")
         else:
             self._forward = TransformersForward(model)
             log.info("engine forward: transformers' (%s)", reason or "asked for")
-        self.native = isinstance(self._forward, llama.LlamaForward)
         head = model.get_output_embeddings()
         self._lm_head = PackedLinear(head.weight, head.bias)
         self._dtype = head.weight.dtype
-        heads = config.num_attention_heads
-        self._group = heads // (getattr(config, "num_key_value_heads", None) or heads)
+        self._group = AttentionShape.of(config).group
         self._device = next(model.parameters()).device
 
     def execute(self, chunks: list[Chunk]) -> list[ChunkResult]:
