@@ -19,6 +19,10 @@ class BackendStats:
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
 
+    @property
+    def kv_blocks_free(self) -> int:
+        return self.kv_blocks_total - self.kv_blocks_used
+
 
 class Backend(abc.ABC):
     """An engine that serves many concurrent generations.

@@ -30,7 +30,7 @@ class Metrics:
         self.kv_blocks = Gauge("llm_kv_cache_blocks", "KV-cache blocks of the engine's pool (ours only)", ["state"],
                                registry=r)
         self.kv_blocks.labels("used").set_function(lambda: stats().kv_blocks_used)
-        self.kv_blocks.labels("free").set_function(lambda: stats().kv_blocks_total - stats().kv_blocks_used)
+        self.kv_blocks.labels("free").set_function(lambda: stats().kv_blocks_free)
         self.ttft = Histogram(
             "llm_time_to_first_token_seconds", "Time from request arrival to its first token",
             buckets=_TOKEN_BUCKETS, registry=r,
