@@ -85,8 +85,6 @@ class TorchEngine:
         block_size: int = DEFAULT_BLOCK_SIZE,
         forward: str = "auto",
     ) -> None:
-        self.tokenizer = tokenizer
-        self.max_model_len = max_model_len
         config = model.config
         param = next(model.parameters())
         shape = AttentionShape.of(config)

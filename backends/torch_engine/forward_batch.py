@@ -54,17 +54,11 @@ class PrefillAttention:
 
 @dataclass
 class ForwardBatch:
-    spans: list[Span]
     input_ids: torch.Tensor  # [tokens]
     positions: torch.Tensor  # [tokens], cache positions (what RoPE rotates by)
     slots: torch.Tensor  # [tokens], flat cache slots the new keys/values go to
-    num_decode: int  # the first num_decode spans are single tokens, shortest first
-    decode_groups: list[DecodeGroup]
+    decode_groups: list[DecodeGroup]  # the leading single-token rows, shortest first
     prefills: list[PrefillAttention]
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.input_ids.numel())
 
     @classmethod
     def build(
@@ -98,11 +92,9 @@ class ForwardBatch:
                 .reshape(1, 1, group * span.count, -1).to(device),
             ))
         return cls(
-            spans=spans,
             input_ids=torch.tensor(ids, dtype=torch.long, device=device),
             positions=torch.tensor(positions, dtype=torch.long, device=device),
             slots=torch.tensor(slots, dtype=torch.long, device=device),
-            num_decode=num_decode,
             decode_groups=decode_groups,
             prefills=prefills,
         )
