@@ -18,6 +18,7 @@ class BackendStats:
     # KV-cache blocks, for engines that page their cache (ours); 0 total where the engine does not say.
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
+    session_kv_bytes: int = 0  # KV that idle stateful sessions keep (ours)
 
     @property
     def kv_blocks_free(self) -> int:
@@ -48,6 +49,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> BackendStats:
         """Current running and waiting request counts."""
+
+    def close_session(self, session_id: str) -> None:
+        """Forget what the engine keeps for a stateful session (closed or expired). Default: nothing kept,
+        as with engines whose prefix cache reuses a session's history on its own."""
+        return None
 
     def shutdown(self) -> None:
         """Stop background work. Default: nothing to stop."""

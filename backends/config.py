@@ -39,6 +39,9 @@ _DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "hal
 # Other names users write for a setting's values, by field.
 _ALIASES = {"rolling_batch": ROLLING_BATCH_ALIASES, "dtype": _DTYPE_ALIASES}
 
+DEFAULT_ATTENTION_SINKS = 4  # StreamingLLM's start_size
+DEFAULT_ATTENTION_WINDOW = 2044  # recent tokens; with 4 sinks a 2048-entry cache
+
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
 
@@ -93,6 +96,15 @@ class ServingConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # GiB of KV cache for our engine (scheduler/disable); unset: every slot at full length, at most 1/4 of RAM.
     kv_cache_space: float | None = Field(None, gt=0)
+    # SageMaker stateful sessions (LMI's option names): idle seconds before a session expires, and GiB of
+    # KV cache idle sessions may keep on our engine (unset: 1/8 of RAM; least recently used give way first).
+    enable_stateful_sessions: bool = False
+    sessions_expiration: int = Field(1200, ge=1)
+    sessions_max_memory: float | None = Field(None, gt=0)
+    # StreamingLLM on our engine: keep the first `attention_sinks` tokens and the last `attention_window`;
+    # setting either turns it on (sinks 4, window DEFAULT_ATTENTION_WINDOW when the other is unset).
+    attention_sinks: int | None = Field(None, ge=0, le=1024)
+    attention_window: int | None = Field(None, ge=32)
     engine_options: dict[str, str] = Field(default_factory=dict)
     # Where downloads and conversions are kept (LLM_ENDPOINT_CACHE), and the optimum-intel converter that
     # turns HF directories into OpenVINO IR (LLM_ENDPOINT_OPTIMUM_CLI, else optimum-cli on PATH).
@@ -114,10 +126,22 @@ class ServingConfig(BaseModel):
             return "max"
         return v
 
-    @field_validator("trust_remote_code", "tgi_compat", "enforce_eager", mode="before")
+    @field_validator("trust_remote_code", "tgi_compat", "enforce_eager", "enable_stateful_sessions", mode="before")
     @classmethod
     def _strict_bool(cls, v: Any) -> Any:
         return parse_bool(v) if isinstance(v, str) else v
+
+    @property
+    def attention_sinks_enabled(self) -> bool:
+        return self.attention_sinks is not None or self.attention_window is not None
+
+    @property
+    def sink_tokens(self) -> int:
+        return DEFAULT_ATTENTION_SINKS if self.attention_sinks is None else self.attention_sinks
+
+    @property
+    def window_tokens(self) -> int:
+        return DEFAULT_ATTENTION_WINDOW if self.attention_window is None else self.attention_window
 
     @property
     def effective_max_rolling_batch_size(self) -> int:

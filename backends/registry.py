@@ -61,8 +61,18 @@ def resolve_rolling_batch(config: ServingConfig, files: ModelFiles) -> RollingBa
     )
 
 
+# Engines that evict as StreamingLLM does (README, "Attention sinks"): OpenVINO GenAI's cache eviction works in
+# 32-token CPU blocks, scores what it evicts and re-rotates with a fixed theta; vLLM evicts nothing.
+SINK_ENGINES = (RollingBatch.SCHEDULER, RollingBatch.DISABLE)
+
+
 def create_backend(config: ServingConfig, files: ModelFiles, tokenizer: Any, max_model_len: int) -> Backend:
     choice = resolve_rolling_batch(config, files)
+    if config.attention_sinks_enabled and choice not in SINK_ENGINES:
+        raise BackendUnavailable(
+            f"option.attention_sinks/attention_window: supported by the {' and '.join(e.value for e in SINK_ENGINES)} "
+            f"backends (our engine) only, not {choice.value}; set option.rolling_batch=scheduler or remove the option"
+        )
     if choice in _NOT_BUILT:
         raise BackendUnavailable(
             f"option.rolling_batch={choice.value}: the {_NOT_BUILT[choice]} backend is not available in "
@@ -88,6 +98,8 @@ def create_backend(config: ServingConfig, files: ModelFiles, tokenizer: Any, max
             load_model, tokenizer, max_running=max_running, max_model_len=max_model_len,
             prefill_tokens=config.max_rolling_batch_prefill_tokens or DEFAULT_PREFILL_TOKENS,
             kv_cache_space=None if config.kv_cache_space is None else int(config.kv_cache_space * 2**30),
+            attention_sinks=(config.sink_tokens, config.window_tokens) if config.attention_sinks_enabled else None,
+            session_space=None if config.sessions_max_memory is None else int(config.sessions_max_memory * 2**30),
         )
         backend.name = choice.value
         return backend

@@ -49,6 +49,8 @@ class GenerationRequest:
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
     prompt: str | None = None
+    # A stateful session's id: an engine that can (ours) keeps the KV between the session's requests.
+    session_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     prefill: list[Token] | None = None  # only on the first event, when prompt_logprobs was asked
     prompt_tokens: int = 0  # filled on the final event
+    cached_tokens: int = 0  # final event: prompt tokens whose KV the engine reused (session or prefix cache)
 
     @property
     def finished(self) -> bool:

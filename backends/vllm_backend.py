@@ -75,6 +75,7 @@ class VllmBackend(Backend):
         )
         prefill: list[Token] = []
         started = finished = False
+        cached = 0
         self._waiting += 1
         try:
             while not finished:
@@ -91,6 +92,7 @@ class VllmBackend(Backend):
                     prefill.extend(self._prefill_tokens(request.prompt_token_ids[len(prefill) :], out.prompt_logprobs))
                 completion = out.outputs[0]
                 finished = out.finished
+                cached = max(cached, getattr(out, "num_cached_tokens", None) or 0)  # prefix-cache hits
                 events = self._events(completion, request.params.top_n_tokens)
                 if finished:
                     await anext(stream, None)  # let vLLM's generator end normally (closing it would abort)
@@ -98,6 +100,7 @@ class VllmBackend(Backend):
                         raise BackendError(f"the engine ended the request ({completion.finish_reason}) without a token")
                     events[-1].finish_reason = _finish_reason(completion.finish_reason, completion.stop_reason)
                     events[-1].prompt_tokens = len(request.prompt_token_ids)
+                    events[-1].cached_tokens = cached
                 for event in events:
                     if not started:
                         started = True
@@ -227,6 +230,8 @@ def engine_args(config: ServingConfig, files: ModelFiles, max_model_len: int) ->
         "quantization": config.quantize,
     }
     kwargs.update({k: v for k, v in optional.items() if v is not None})
+    if config.enable_stateful_sessions:  # a session's turns resend the history: reuse its KV
+        kwargs["enable_prefix_caching"] = True
     kwargs.update(parse_engine_options(config.engine_options))
     # LMI's log_prob is the model's own distribution, before temperature/penalties/top-k/top-p.
     kwargs["logprobs_mode"] = "raw_logprobs"

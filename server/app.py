@@ -78,14 +78,26 @@ class RequestContextMiddleware:
             await JSONResponse(body, status_code=500)(scope, receive, send_with_headers)
 
 
+async def _sweep_sessions(service: InferenceService) -> None:
+    """End idle sessions on time even when no request arrives to notice, so their engine caches are freed."""
+    assert service.sessions is not None
+    period = max(1.0, min(60.0, service.sessions.expiration / 4))
+    while True:
+        await asyncio.sleep(period)
+        service.sessions.sweep()
+
+
 def create_app(service: InferenceService) -> FastAPI:
     config = service.config
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = asyncio.ensure_future(service.load_with_timeout())
+        sweeper = asyncio.ensure_future(_sweep_sessions(service)) if service.sessions else None
         yield
         loader.cancel()
+        if sweeper:
+            sweeper.cancel()
         service.backend.shutdown()
 
     app = FastAPI(title="llm-endpoint", lifespan=lifespan, docs_url=None, redoc_url=None)

@@ -48,6 +48,11 @@ _OPTION_FIELDS = {
     "model_loading_timeout": "model_loading_timeout",
     "device": "device",
     "kv_cache_space": "kv_cache_space",
+    "enable_stateful_sessions": "enable_stateful_sessions",
+    "sessions_expiration": "sessions_expiration",
+    "sessions_max_memory": "sessions_max_memory",
+    "attention_sinks": "attention_sinks",
+    "attention_window": "attention_window",
 }
 # Server-level keys: `key` in serving.properties or SERVING_<KEY> in the environment.
 _SERVER_FIELDS = {
@@ -63,6 +68,9 @@ _ENV_TRANSLATIONS = {
     "MAX_BATCH_PREFILL_TOKENS": "OPTION_MAX_ROLLING_BATCH_PREFILL_TOKENS",
     "MAX_BATCH_SIZE": "OPTION_MAX_ROLLING_BATCH_SIZE",
     "CUDA_MEMORY_FRACTION": "OPTION_GPU_MEMORY_UTILIZATION",
+    # what SageMaker's model-hosting container standards read for stateful sessions
+    "SAGEMAKER_ENABLE_STATEFUL_SESSIONS": "OPTION_ENABLE_STATEFUL_SESSIONS",
+    "SAGEMAKER_SESSIONS_EXPIRATION": "OPTION_SESSIONS_EXPIRATION",
 }
 
 

@@ -17,7 +17,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class Metrics:
-    def __init__(self, stats: Callable[[], BackendStats]) -> None:
+    def __init__(self, stats: Callable[[], BackendStats], open_sessions: Callable[[], int] = lambda: 0) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -44,6 +44,15 @@ class Metrics:
             buckets=_REQUEST_BUCKETS, registry=r,
         )
         self.prompt_tokens = Counter("llm_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.sessions = Gauge("llm_sessions_open", "Open stateful sessions", registry=r)
+        self.sessions.set_function(open_sessions)
+        self.session_kv = Gauge("llm_session_kv_cache_bytes", "KV cache idle stateful sessions keep (ours only)",
+                                registry=r)
+        self.session_kv.set_function(lambda: stats().session_kv_bytes)
+        self.session_prompt_tokens = Counter(
+            "llm_session_prompt_tokens", "Prompt tokens of session turns: reused from the engine's cache or computed",
+            ["source"], registry=r,
+        )
         self.generated_tokens = Counter("llm_generation_tokens", "Tokens generated", registry=r)
 
     def render(self) -> bytes:

@@ -19,6 +19,7 @@ from llm_endpoint.backends.config import ResponseFormat, ServingConfig
 from llm_endpoint.backends.errors import prompt_too_long
 from llm_endpoint.backends.types import GenerationRequest, SamplingParams
 from llm_endpoint.server.protocol import MAX_STOP_SEQUENCES, ChatCompletionRequest, LmiRequest, OutputOptions
+from llm_endpoint.server.sessions import History, Turn
 
 MAX_STOP_SEQUENCE_CHARS = 512
 _ACCEPT_FORMATTERS: dict[str, ResponseFormat] = {
@@ -43,6 +44,7 @@ class InvalidRequest(Exception):
 class ParsedRequest:
     generation: GenerationRequest
     output: OutputOptions
+    turn: Turn | None = None  # within a stateful session: what this request adds to its history
 
 
 def decode_body(body: bytes, content_type: str | None) -> dict[str, Any]:
@@ -170,6 +172,8 @@ class RequestParser:
         self.config = config
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
+        # Attention sinks lift every length limit: a prompt of any length streams through the sink cache.
+        self.unbounded = config.attention_sinks_enabled
         self.backend_name = backend_name
         self.supports_top_tokens = supports_top_tokens
 
@@ -181,24 +185,28 @@ class RequestParser:
             )
 
     def parse(
-        self, payload: dict[str, Any], request_id: str, force_stream: bool = False, accept: str | None = None
+        self, payload: dict[str, Any], request_id: str, force_stream: bool = False, accept: str | None = None,
+        history: History | None = None,
     ) -> ParsedRequest:
         """`force_stream`: stream whatever the body says (InvokeEndpointWithResponseStream); `accept`: the
-        client's preferred media type, which picks the formatter when it names one we have."""
+        client's preferred media type, which picks the formatter when it names one we have; `history`: the
+        stateful session this request continues, whose history comes before the request's own input."""
         wanted = _ACCEPT_FORMATTERS.get((accept or "").split(";", 1)[0].strip().lower())
         if "messages" in payload:
-            return self._parse_chat(payload, request_id, force_stream, wanted)
-        return self._parse_lmi(payload, request_id, force_stream, wanted)
+            return self._parse_chat(payload, request_id, force_stream, wanted, history)
+        return self._parse_lmi(payload, request_id, force_stream, wanted, history)
 
     def _tokens(self, text: str, add_special_tokens: bool) -> tuple[int, ...]:
         ids = tuple(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
         if not ids:
             raise InvalidRequest("the prompt tokenizes to nothing: expected non-empty text")
-        if len(ids) >= self.max_model_len:
+        if len(ids) >= self.max_model_len and not self.unbounded:
             raise InvalidRequest(prompt_too_long(len(ids), self.max_model_len))
         return ids
 
     def _max_new_tokens(self, requested: int | None, default: int, prompt_len: int, field: str) -> int:
+        if self.unbounded:
+            return requested if requested is not None else default
         room = self.max_model_len - prompt_len
         if requested is None:
             return max(1, min(default, room))
@@ -209,7 +217,8 @@ class RequestParser:
         return max(1, min(requested, room))
 
     def _parse_lmi(
-        self, payload: dict[str, Any], request_id: str, force_stream: bool, wanted: ResponseFormat | None
+        self, payload: dict[str, Any], request_id: str, force_stream: bool, wanted: ResponseFormat | None,
+        history: History | None,
     ) -> ParsedRequest:
         if "inputs" in payload and not isinstance(payload["inputs"], str):
             raise InvalidRequest(
@@ -231,7 +240,10 @@ class RequestParser:
             raise InvalidRequest("'decoder_input_details' cannot be used with streaming: set stream to false")
         _check_unicode(req.inputs, "inputs")
         self._check_top_tokens(p.top_n_tokens or 0, "parameters.top_n_tokens")
-        ids = self._tokens(req.inputs, add_special_tokens=True)
+        if history is not None and history.kind == "chat":
+            raise InvalidRequest("this session holds a chat conversation: continue it with 'messages', not 'inputs'")
+        prompt = (history.text if history is not None else "") + req.inputs
+        ids = self._tokens(prompt, add_special_tokens=True)
         # Greedy unless do_sample or a temperature asks for sampling (LMI >= 0.32); temperature 0 is greedy.
         do_sample = p.do_sample if p.do_sample is not None else (p.temperature is not None and p.temperature > 0)
         if p.temperature == 0:
@@ -261,10 +273,12 @@ class RequestParser:
             output=output,
             prompt_logprobs=bool(p.decoder_input_details),
         )
-        return ParsedRequest(GenerationRequest(request_id, ids, params, req.inputs), output)
+        turn = Turn("lmi", text=req.inputs) if history is not None else None
+        return ParsedRequest(GenerationRequest(request_id, ids, params, prompt), output, turn)
 
     def _parse_chat(
-        self, payload: dict[str, Any], request_id: str, force_stream: bool, wanted: ResponseFormat | None
+        self, payload: dict[str, Any], request_id: str, force_stream: bool, wanted: ResponseFormat | None,
+        history: History | None,
     ) -> ParsedRequest:
         req: ChatCompletionRequest = _validate(ChatCompletionRequest, payload)
         for name in ("frequency_penalty", "presence_penalty"):
@@ -283,8 +297,11 @@ class RequestParser:
         for i, message in enumerate(messages):
             if message["content"]:
                 _check_unicode(message["content"], f"messages.{i}.content")
+        if history is not None and history.kind == "lmi":
+            raise InvalidRequest("this session holds LMI 'inputs' text: continue it with 'inputs', not 'messages'")
+        conversation = (history.messages if history is not None else []) + messages
         try:
-            prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            prompt = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # template errors are the client's message structure, e.g. roles out of order
             raise InvalidRequest(f"the messages do not fit the model's chat template: {exc}") from None
         self._check_top_tokens(req.top_logprobs or 0 if req.logprobs else 0, "top_logprobs")
@@ -319,4 +336,5 @@ class RequestParser:
             top_n_tokens=top_n,
             output=output,
         )
-        return ParsedRequest(GenerationRequest(request_id, ids, params, prompt), output)
+        turn = Turn("chat", messages=tuple(messages)) if history is not None else None
+        return ParsedRequest(GenerationRequest(request_id, ids, params, prompt), output, turn)

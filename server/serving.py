@@ -12,16 +12,27 @@ import enum
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from llm_endpoint.backends.base import Backend, BackendStats
 from llm_endpoint.backends.config import ServingConfig
 from llm_endpoint.backends.errors import BackendError
-from llm_endpoint.backends.types import TokenEvent
+from llm_endpoint.backends.types import FinishReason, TokenEvent
 from llm_endpoint.server.formatters import make_formatter
 from llm_endpoint.server.formatters.base import ResponseFormatter
 from llm_endpoint.server.metrics import Metrics
 from llm_endpoint.server.request_parser import InvalidRequest, ParsedRequest, RequestParser, decode_body
+from llm_endpoint.server.sessions import (
+    CLOSE,
+    CLOSED_SESSION_HEADER,
+    NEW_SESSION,
+    NEW_SESSION_HEADER,
+    SESSION_HEADER,
+    Session,
+    SessionError,
+    SessionStore,
+)
 
 log = logging.getLogger(__name__)
 # Bodies up to this size are parsed (and tokenized, ~0.2 ms) on the event loop, sparing two thread hand-offs
@@ -53,12 +64,25 @@ class MidStreamError(Exception):
     """Generation failed after the first byte was sent."""
 
 
+@dataclass(frozen=True)
+class SessionReply:
+    """The answer to a session control request (NEW_SESSION, CLOSE): a short text body and its headers."""
+
+    body: str
+    headers: dict[str, str]
+
+
+# Called once when a generation ends: with its output text and last event if it finished, else with None.
+OnEnd = Callable[[tuple[str, TokenEvent] | None], None]
+
+
 class Generation:
     """A started request: its formatter and its event stream, with the first event already in hand."""
 
     def __init__(
         self, parsed: ParsedRequest, formatter: ResponseFormatter, events: AsyncGenerator[TokenEvent, None],
         first: TokenEvent, arrived: float, metrics: Metrics, release: Callable[[], None],
+        on_end: OnEnd | None = None,
     ) -> None:
         self.parsed = parsed
         self.formatter = formatter
@@ -67,6 +91,16 @@ class Generation:
         self._arrived = arrived
         self._metrics = metrics
         self._release = release  # gives the batch slot back; idempotent
+        self._on_end = on_end
+        self._text: list[str] = []
+
+    def _end(self, last: TokenEvent | None) -> None:
+        """Give the slot back, then settle the session turn (once; `last` is the final event, if reached)."""
+        self._release()
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            ok = last is not None and last.finish_reason is not FinishReason.ERROR
+            on_end(("".join(self._text), last) if ok and last is not None else None)
 
     @property
     def stream(self) -> bool:
@@ -78,21 +112,25 @@ class Generation:
         metrics.ttft.observe(last - self._arrived)
         event = self._first
         count = 1
-        yield event
+        final: TokenEvent | None = None
         try:
+            self._text.append(event.token.text)
+            yield event
             while not event.finished:
                 event = await self._events.__anext__()
                 now = time.monotonic()
                 metrics.itl.observe(now - last)
                 last = now
                 count += 1
+                self._text.append(event.token.text)
                 yield event
+            final = event
         except StopAsyncIteration:
             raise MidStreamError("the engine ended the request without a finish reason") from None
         except BackendError as exc:
             raise MidStreamError(str(exc)) from exc
         finally:
-            self._release()
+            self._end(final)
             metrics.generated_tokens.inc(count)
             metrics.e2e.observe(time.monotonic() - self._arrived)
 
@@ -112,7 +150,7 @@ class Generation:
         try:
             await self._events.aclose()
         finally:
-            self._release()
+            self._end(None)
 
 
 class Admission:
@@ -163,7 +201,9 @@ class InferenceService:
             config, tokenizer, max_model_len, backend.name, backend.supports_top_tokens
         )
         self.admission = Admission(config.effective_max_rolling_batch_size, config.job_queue_size)
-        self.metrics = Metrics(self.stats)
+        self.sessions = (SessionStore(config.sessions_expiration, backend.close_session)
+                         if config.enable_stateful_sessions else None)
+        self.metrics = Metrics(self.stats, lambda: self.sessions.open_sessions if self.sessions else 0)
         self.state = ModelState.PENDING
         self.failure: str | None = None
 
@@ -199,21 +239,82 @@ class InferenceService:
 
     async def start(
         self, body: bytes, content_type: str | None, request_id: str, force_stream: bool = False,
-        accept: str | None = None,
-    ) -> Generation:
-        """Parse, admit, and wait for the first token. Every failure here is a ServiceError."""
+        accept: str | None = None, session_id: str | None = None,
+    ) -> Generation | SessionReply:
+        """Parse, admit, and wait for the first token; or answer a session control request. `session_id` is
+        the X-Amzn-SageMaker-Session-Id header. Every failure here is a ServiceError."""
         arrived = time.monotonic()
         if self.state is not ModelState.HEALTHY:
             raise ServiceError(503, f"model {self.config.model_name} is not ready (status {self.state.value})")
         try:
             payload = decode_body(body, content_type)
-            loop = asyncio.get_running_loop()
-            if len(body) <= _INLINE_PARSE_BYTES:
-                parsed = self.parser.parse(payload, request_id, force_stream, accept)
-            else:
-                parsed = await loop.run_in_executor(None, self.parser.parse, payload, request_id, force_stream, accept)
         except InvalidRequest as exc:
             raise ServiceError(exc.status, str(exc)) from None
+        session = await self._session(payload, session_id)
+        if isinstance(session, SessionReply):
+            return session
+        if session is None:
+            return await self._generate(payload, len(body), request_id, force_stream, accept, arrived)
+        await session.lock.acquire()  # the session's turns run one at a time, in arrival order
+        try:
+            if self.sessions is not None:
+                try:
+                    self.sessions.check_open(session)  # closed while this turn waited
+                except SessionError as exc:
+                    raise ServiceError(400, str(exc)) from None
+            return await self._generate(payload, len(body), request_id, force_stream, accept, arrived, session)
+        except BaseException:
+            session.lock.release()
+            raise
+
+    async def _session(self, payload: dict[str, Any], session_id: str | None) -> Session | SessionReply | None:
+        """The session a request continues (None: stateless), or the reply to NEW_SESSION / CLOSE."""
+        request_type = payload.get("requestType")
+        store = self.sessions
+        if store is None:
+            if session_id is not None or request_type is not None:
+                raise ServiceError(400, f"stateful sessions are not enabled on this endpoint ({SESSION_HEADER} "
+                                        "and 'requestType' need option.enable_stateful_sessions=true)")
+            return None
+        try:
+            if request_type == NEW_SESSION:
+                if session_id not in (None, NEW_SESSION):
+                    raise SessionError(f"a NEW_SESSION request carries no session id (got {SESSION_HEADER} {session_id!r})")
+                session = store.create()
+                value = store.header_value(session)
+                return SessionReply(f"Session {session.id} created", {SESSION_HEADER: value, NEW_SESSION_HEADER: value})
+            if request_type == CLOSE:
+                if not session_id:
+                    raise SessionError(f"a CLOSE request needs the {SESSION_HEADER} header of the session to close")
+                session = store.get(session_id)
+                async with session.lock:  # after the session's turns already waiting
+                    closed = store.close(session_id)
+                return SessionReply(f"Session {closed} closed", {CLOSED_SESSION_HEADER: closed})
+            if request_type is not None:
+                raise SessionError(f"'requestType' must be {NEW_SESSION} or {CLOSE} (got {request_type!r})")
+            if session_id == NEW_SESSION:
+                raise SessionError(f"{SESSION_HEADER}: {NEW_SESSION} needs the body {{\"requestType\": \"{NEW_SESSION}\"}}")
+            return store.get(session_id) if session_id is not None else None
+        except SessionError as exc:
+            raise ServiceError(400, str(exc)) from None
+
+    async def _generate(
+        self, payload: dict[str, Any], size: int, request_id: str, force_stream: bool, accept: str | None,
+        arrived: float, session: Session | None = None,
+    ) -> Generation:
+        history = session.history if session is not None else None
+        try:
+            if size <= _INLINE_PARSE_BYTES:
+                parsed = self.parser.parse(payload, request_id, force_stream, accept, history)
+            else:
+                loop = asyncio.get_running_loop()
+                parsed = await loop.run_in_executor(
+                    None, self.parser.parse, payload, request_id, force_stream, accept, history)
+        except InvalidRequest as exc:
+            raise ServiceError(exc.status, str(exc)) from None
+        if session is not None:
+            parsed = dataclasses.replace(
+                parsed, generation=dataclasses.replace(parsed.generation, session_id=session.id))
         release = await self.admission.acquire(self.config.model_name)
         self.metrics.prompt_tokens.inc(len(parsed.generation.prompt_token_ids))
         events = self.backend.generate(parsed.generation)
@@ -230,4 +331,22 @@ class InferenceService:
             await events.aclose()
             raise
         formatter = make_formatter(parsed.output, request_id)
-        return Generation(parsed, formatter, events, first, arrived, self.metrics, release)
+        on_end = self._turn_end(session, parsed) if session is not None else None
+        return Generation(parsed, formatter, events, first, arrived, self.metrics, release, on_end)
+
+    def _turn_end(self, session: Session, parsed: ParsedRequest) -> OnEnd:
+        """What ends a session turn: a finished turn joins the history; then the session's next turn may run."""
+
+        def end(result: tuple[str, TokenEvent] | None) -> None:
+            try:
+                if self.sessions is not None:
+                    self.sessions.touch(session)
+                if result is not None and parsed.turn is not None:
+                    reply, last = result
+                    session.commit(parsed.turn, reply)
+                    self.metrics.session_prompt_tokens.labels("cache").inc(last.cached_tokens)
+                    self.metrics.session_prompt_tokens.labels("computed").inc(last.prompt_tokens - last.cached_tokens)
+            finally:
+                session.lock.release()
+
+        return end

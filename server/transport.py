@@ -13,7 +13,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from llm_endpoint.server.serving import Generation, InferenceService, MidStreamError, ServiceError
+from llm_endpoint.server.serving import Generation, InferenceService, MidStreamError, ServiceError, SessionReply
+from llm_endpoint.server.sessions import SESSION_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +95,13 @@ async def lmi_stream(generation: Generation) -> AsyncIterator[str]:
 
 async def start_generation(
     service: InferenceService, request: Request, force_stream: bool = False, accept: str | None = None
-) -> Generation:
-    """Parse and wait for the first token; a client that leaves while still queued is dropped from the
-    queue rather than keeping its place (raises ClientGone)."""
+) -> Generation | SessionReply:
+    """Parse and wait for the first token (or answer a session control request); a client that leaves
+    while still queued is dropped from the queue rather than keeping its place (raises ClientGone)."""
     body = await read_body(request, service.config.max_request_size)
     starting = asyncio.ensure_future(service.start(
-        body, request.headers.get("content-type"), request.state.request_id, force_stream, accept
+        body, request.headers.get("content-type"), request.state.request_id, force_stream, accept,
+        request.headers.get(SESSION_HEADER),
     ))
     watcher = asyncio.ensure_future(wait_for_disconnect(request))
     try:
@@ -115,11 +117,15 @@ async def start_generation(
     raise ClientGone()
 
 
-async def respond(request: Request, generation: Generation, headers: dict[str, str] | None = None) -> Response:
+async def respond(
+    request: Request, generation: Generation | SessionReply, headers: dict[str, str] | None = None
+) -> Response:
     """The LMI response: chunked when streaming, else the whole body once generation is done.
 
     Content-Type is set as a header, not media_type: Starlette would append "; charset=utf-8" to
     text/event-stream, and LMI clients compare the header exactly."""
+    if isinstance(generation, SessionReply):
+        return Response(generation.body, media_type="text/plain", headers={**(headers or {}), **generation.headers})
     headers = {**(headers or {}), "content-type": generation.formatter.content_type}
     if generation.stream:
         return GenerationStream(lmi_stream(generation), generation, headers=headers)

@@ -55,6 +55,8 @@ def scheduler_config(config: ServingConfig) -> Any:
     scheduler.max_num_seqs = config.effective_max_rolling_batch_size
     if config.max_rolling_batch_prefill_tokens:
         scheduler.max_num_batched_tokens = config.max_rolling_batch_prefill_tokens
+    if config.enable_stateful_sessions:  # a session's turns resend the history: reuse its KV
+        scheduler.enable_prefix_caching = True
     for key, value in config.engine_options.items():
         if key not in _SCHEDULER_KEYS:
             log.warning("ignoring option.%s: not an OpenVINO GenAI scheduler setting (%s)", key,

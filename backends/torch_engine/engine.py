@@ -15,6 +15,7 @@ one sequence at a time (rewriting a chunk's cache slots is harmless), so only th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import queue
@@ -28,6 +29,7 @@ import torch
 from llm_endpoint.backends.base import Backend, BackendStats
 from llm_endpoint.backends.errors import BackendError, RequestRejected, prompt_too_long
 from llm_endpoint.backends.text import TextAssembler
+from llm_endpoint.backends.torch_engine import llama
 from llm_endpoint.backends.torch_engine.block_cache import (
     DEFAULT_BLOCK_SIZE,
     AttentionShape,
@@ -39,13 +41,20 @@ from llm_endpoint.backends.torch_engine.model_runner import ChunkResult, ModelRu
 from llm_endpoint.backends.torch_engine.output import OutputStep, eos_token_ids
 from llm_endpoint.backends.torch_engine.sampling import RowFailure
 from llm_endpoint.backends.torch_engine.scheduler import Chunk, Scheduler
-from llm_endpoint.backends.torch_engine.sequence import Abort, Add, Command, Sequence, Status
+from llm_endpoint.backends.torch_engine.sequence import Abort, Add, CloseSession, Command, Sequence, Status
+from llm_endpoint.backends.torch_engine.session_cache import SessionCache
+from llm_endpoint.backends.torch_engine.sinks import Rerotation, SinkWindow, evict, rope_unsupported_reason
 from llm_endpoint.backends.types import GenerationRequest, TokenEvent
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFILL_TOKENS = 256
 DEFAULT_KV_CACHE_FRACTION = 0.25  # of physical memory, when option.kv_cache_space is not set
+DEFAULT_SESSION_FRACTION = 0.125  # of physical memory idle sessions may keep, when sessions_max_memory is not set
+
+
+def _physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def kv_cache_blocks(
@@ -53,7 +62,8 @@ def kv_cache_blocks(
     block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> int:
     """Pool size: `space_bytes` if given, else enough for every slot at full length but at most a quarter
-    of RAM; never less than one full-length sequence (so every admitted request can finish alone)."""
+    of RAM; never less than one full-length sequence (so every admitted request can finish alone).
+    `max_model_len` is the most cache entries one sequence holds (a sink cache's capacity)."""
     per_block = AttentionShape.of(config).block_bytes(block_size, dtype)
     one_sequence = blocks_for(max_model_len, block_size) + 1
     if space_bytes is not None:
@@ -66,7 +76,7 @@ def kv_cache_blocks(
             )
         return int(blocks)
     worst = max_running * one_sequence
-    budget = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * DEFAULT_KV_CACHE_FRACTION) // per_block
+    budget = int(_physical_memory() * DEFAULT_KV_CACHE_FRACTION) // per_block
     return max(one_sequence, min(worst, budget))
 
 
@@ -84,12 +94,23 @@ class TorchEngine:
         kv_cache_space: int | None = None,
         block_size: int = DEFAULT_BLOCK_SIZE,
         forward: str = "auto",
+        attention_sinks: tuple[int, int] | None = None,
+        session_space: int | None = None,
     ) -> None:
+        """`attention_sinks`: (sinks, window) for StreamingLLM, None for dense attention; `session_space`:
+        bytes of KV idle sessions may keep (None: DEFAULT_SESSION_FRACTION of RAM)."""
         config = model.config
         param = next(model.parameters())
         shape = AttentionShape.of(config)
+        self.sinks = SinkWindow(*attention_sinks, block_size) if attention_sinks else None
+        if self.sinks and self.sinks.capacity > max_model_len:
+            raise ValueError(
+                f"option.attention_sinks + option.attention_window = {self.sinks.capacity} exceeds the "
+                f"model's {max_model_len} positions: lower option.attention_window"
+            )
+        per_sequence = self.sinks.capacity if self.sinks else max_model_len
         num_blocks = kv_cache_blocks(config, dtype=param.dtype, max_running=max_running,
-                                     max_model_len=max_model_len, space_bytes=kv_cache_space, block_size=block_size)
+                                     max_model_len=per_sequence, space_bytes=kv_cache_space, block_size=block_size)
         self.allocator = BlockAllocator(num_blocks, block_size)
         cache = PagedKVCache(
             num_layers=shape.layers, num_blocks=num_blocks, block_size=block_size, num_kv_heads=shape.kv_heads,
@@ -97,10 +118,21 @@ class TorchEngine:
         )
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB reserved, touched as used)", num_blocks, block_size,
                  num_blocks * shape.block_bytes(block_size, param.dtype) / 2**30)
-        self.runner = ModelRunner(model, cache, forward=forward)
-        self.output = OutputStep(tokenizer, eos_token_ids(model, tokenizer), max_model_len)
+        if self.sinks and (reason := llama.unsupported_reason(config) or rope_unsupported_reason(config)):
+            raise ValueError(f"option.attention_sinks cannot serve this model ({reason}); it needs our "
+                             "Llama-family forward (Llama, Mistral, Qwen2, SmolLM) with a fixed RoPE")
+        self.runner = ModelRunner(model, cache, forward="native" if self.sinks else forward)
+        self.output = OutputStep(tokenizer, eos_token_ids(model, tokenizer), None if self.sinks else max_model_len)
         self.special_ids = self.output.special_ids
-        self.scheduler = Scheduler(self.allocator, max_running=max_running, prefill_tokens=prefill_tokens)
+        self._block_bytes = shape.block_bytes(block_size, param.dtype)
+        session_bytes = session_space if session_space is not None else int(_physical_memory() * DEFAULT_SESSION_FRACTION)
+        self.sessions = SessionCache(self.allocator, max_blocks=session_bytes // self._block_bytes,
+                                     sinks=self.sinks.sinks if self.sinks else 0)
+        self._rerotate = Rerotation(self.runner.rotary) if self.sinks else None
+        self.scheduler = Scheduler(
+            self.allocator, max_running=max_running, prefill_tokens=prefill_tokens, sessions=self.sessions,
+            cache_limit=self.sinks.capacity if self.sinks else None, evict=self._evict if self.sinks else None,
+        )
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._submitted = 0  # submitted but not yet seen by the loop, for stats()
@@ -126,12 +158,15 @@ class TorchEngine:
         self._inbox.put(Abort(seq))
         self._wake.set()
 
+    def close_session(self, session_id: str) -> None:
+        self._inbox.put(CloseSession(session_id))
+        self._wake.set()
+
     def stats(self) -> BackendStats:
         with self._lock:
             pending = self._submitted
             stats = self._stats
-        return BackendStats(running=stats.running, waiting=stats.waiting + pending,
-                            kv_blocks_used=stats.kv_blocks_used, kv_blocks_total=stats.kv_blocks_total)
+        return dataclasses.replace(stats, waiting=stats.waiting + pending)
 
     # ---- engine thread ---------------------------------------------------------------------------
 
@@ -161,7 +196,8 @@ class TorchEngine:
         with self._lock:
             self._stats = BackendStats(running=len(s.running), waiting=len(s.waiting),
                                        kv_blocks_used=self.allocator.used_blocks,
-                                       kv_blocks_total=self.allocator.num_blocks)
+                                       kv_blocks_total=self.allocator.num_blocks,
+                                       session_kv_bytes=self.sessions.held_blocks * self._block_bytes)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -169,14 +205,15 @@ class TorchEngine:
                 command = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            seq = command.seq
-            if isinstance(command, Add):
+            if isinstance(command, CloseSession):
+                self.sessions.close(command.session_id)
+            elif isinstance(command, Add):
                 with self._lock:
                     self._submitted -= 1
-                if not seq.cancelled:
-                    self.scheduler.add(seq)
-            elif seq.status is not Status.FINISHED:
-                self.scheduler.remove(seq)
+                if not command.seq.cancelled:
+                    self.scheduler.add(command.seq)
+            elif command.seq.status is not Status.FINISHED:
+                self.scheduler.remove(command.seq, keep=True)
 
     def _execute(self, chunks: list[Chunk]) -> list[ChunkResult]:
         try:
@@ -209,11 +246,17 @@ class TorchEngine:
                 return
             event = self.output.event(seq, result.sample)
             if event.finished:
-                self.scheduler.remove(seq)
+                self.scheduler.remove(seq, keep=True)
             seq.deliver(event)
         except Exception as exc:  # one request's failure stays with that request
             log.exception("request %s failed", seq.request.request_id)
             self._fail(seq, BackendError(f"token processing failed: {type(exc).__name__}: {exc}"))
+
+    def _evict(self, seq: Sequence) -> None:
+        """Make room in `seq`'s full sink cache (the scheduler's hook)."""
+        assert self.sinks is not None and self._rerotate is not None
+        seq.cache_len = evict(self.runner.cache, self.allocator, seq.block_table, sinks=self.sinks.sinks,
+                              cache_len=seq.cache_len, count=self.sinks.evict_tokens, rerotate=self._rerotate)
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:
         if seq.status is not Status.FINISHED:
@@ -238,13 +281,16 @@ class TorchBackend(Backend):
         max_model_len: int,
         prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
         kv_cache_space: int | None = None,
+        attention_sinks: tuple[int, int] | None = None,
+        session_space: int | None = None,
     ) -> None:
         self._model_loader = model_loader
         self.tokenizer = tokenizer
-        self.max_model_len = max_model_len
+        # With attention sinks a prompt of any length fits: it is prefilled through the sink cache.
+        self.max_prompt_len = None if attention_sinks else max_model_len
         self._engine_args: dict[str, Any] = dict(
             max_running=max_running, max_model_len=max_model_len, prefill_tokens=prefill_tokens,
-            kv_cache_space=kv_cache_space,
+            kv_cache_space=kv_cache_space, attention_sinks=attention_sinks, session_space=session_space,
         )
         self._engine: TorchEngine | None = None
         self._thread: threading.Thread | None = None
@@ -284,13 +330,17 @@ class TorchBackend(Backend):
     def stats(self) -> BackendStats:
         return self._engine.stats() if self._engine else BackendStats()
 
+    def close_session(self, session_id: str) -> None:
+        if self._engine is not None:
+            self._engine.close_session(session_id)
+
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         engine = self._engine
         if engine is None:
             raise BackendError("model is not loaded")
         prompt_len = len(request.prompt_token_ids)
-        if prompt_len >= self.max_model_len:
-            raise RequestRejected(prompt_too_long(prompt_len, self.max_model_len))
+        if self.max_prompt_len is not None and prompt_len >= self.max_prompt_len:
+            raise RequestRejected(prompt_too_long(prompt_len, self.max_prompt_len))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
 

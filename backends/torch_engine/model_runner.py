@@ -48,6 +48,13 @@ class ModelRunner:
         self._group = AttentionShape.of(config).group
         self._device = next(model.parameters()).device
 
+    @property
+    def rotary(self) -> Any:
+        """The checkpoint's rotary embedding module (our forward only; what re-rotation reads)."""
+        if not isinstance(self._forward, llama.LlamaForward):
+            raise ValueError("re-rotating keys needs our Llama-family forward")
+        return self._forward.rotary
+
     def execute(self, chunks: list[Chunk]) -> list[ChunkResult]:
         """Chunks with single tokens must come first (the scheduler's order); results follow the order the
         model saw them in (single tokens by ascending length, for `ForwardBatch`'s decode groups)."""

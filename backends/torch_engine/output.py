@@ -11,7 +11,8 @@ from llm_endpoint.backends.types import FinishReason, Token, TokenEvent
 
 
 class OutputStep:
-    def __init__(self, tokenizer: Any, eos_ids: frozenset[int], max_model_len: int) -> None:
+    def __init__(self, tokenizer: Any, eos_ids: frozenset[int], max_model_len: int | None) -> None:
+        """`max_model_len` None: no length limit (attention sinks)."""
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.special_ids = frozenset(tokenizer.all_special_ids)
@@ -36,7 +37,8 @@ class OutputStep:
             finish = FinishReason.STOP_SEQUENCE
         elif token_id in self.eos_ids and not params.ignore_eos:
             finish = FinishReason.EOS_TOKEN
-        elif seq.num_output >= params.max_new_tokens or len(seq.tokens) >= self.max_model_len:
+        elif seq.num_output >= params.max_new_tokens or (
+                self.max_model_len is not None and len(seq.tokens) >= self.max_model_len):
             finish = FinishReason.LENGTH
         if finish is not None and finish is not FinishReason.STOP_SEQUENCE:
             text += seq.assembler.finish()
@@ -49,6 +51,7 @@ class OutputStep:
             event.prefill = seq.prefill_logprobs
         if finish is not None:
             event.prompt_tokens = seq.num_prompt
+            event.cached_tokens = seq.cached_prompt
         return event
 
     def _token(self, token_id: int, log_prob: float | None) -> Token:

@@ -4,16 +4,23 @@ Admission is by free KV blocks, not by a slot count alone: a request is admitted
 are free (keeping one block per running sequence in reserve so they can grow), otherwise it waits. When a
 running sequence needs a block and none is free, the youngest running sequence is preempted: its blocks
 are freed and it goes back to the front of the queue with its tokens, to be recomputed when it fits again.
-Nothing admitted is lost and the process never allocates past the pool.
+Nothing admitted is lost and the process never allocates past the pool. Idle sessions' caches give way
+before anything running is preempted.
+
+With attention sinks a sequence never holds more than the sink cache's capacity: chunks are cut so the
+cache fills exactly, and a full cache evicts (through `evict`) before its next token, so a long prompt is
+prefilled in pieces with eviction between them and the result does not depend on how it was chunked.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from llm_endpoint.backends.torch_engine.block_cache import BlockAllocator
 from llm_endpoint.backends.torch_engine.sequence import Sequence, Status
+from llm_endpoint.backends.torch_engine.session_cache import SessionCache
 
 
 @dataclass(frozen=True)
@@ -31,10 +38,21 @@ class Chunk:
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, *, max_running: int, prefill_tokens: int) -> None:
+    def __init__(
+        self, allocator: BlockAllocator, *, max_running: int, prefill_tokens: int,
+        sessions: SessionCache | None = None, cache_limit: int | None = None,
+        evict: Callable[[Sequence], None] | None = None,
+    ) -> None:
+        """`sessions`: where finished session turns keep their cache (None: nowhere); `cache_limit`: the sink
+        cache's capacity (None: no limit); `evict(seq)` frees room in a full one."""
+        if (cache_limit is None) != (evict is None):
+            raise ValueError("a cache limit needs an eviction, and an eviction a limit")
         self.allocator = allocator
         self.max_running = max_running
         self.prefill_tokens = prefill_tokens
+        self.sessions = sessions if sessions is not None else SessionCache(allocator, max_blocks=0)
+        self.cache_limit = cache_limit
+        self._evict = evict
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.preemptions = 0
@@ -43,13 +61,15 @@ class Scheduler:
         seq.status = Status.WAITING
         self.waiting.append(seq)
 
-    def remove(self, seq: Sequence) -> None:
-        """Take `seq` out of whichever queue holds it and free its blocks (finished, failed or aborted)."""
+    def remove(self, seq: Sequence, *, keep: bool = False) -> None:
+        """Take `seq` out of whichever queue holds it; its blocks go to its session with `keep` (a turn that
+        finished or was aborted: its cache is sound), else back to the pool (failed)."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
         elif seq.status is Status.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
-        self.allocator.free(seq.block_table)
+        if not (keep and self.sessions.keep(seq)):
+            self.allocator.free(seq.block_table)
         seq.status = Status.FINISHED
 
     def schedule(self) -> list[Chunk]:
@@ -62,19 +82,38 @@ class Scheduler:
             if budget <= 0:
                 break
             if seq.pending > 1:
-                take = min(seq.pending, budget)
+                self._make_room(seq)
+                take = min(seq.pending, budget, self._room(seq))
+                if self.allocator.missing(seq.block_table, seq.cache_len + take) > self.allocator.free_blocks:
+                    continue  # the blocks an eviction just freed went elsewhere: next step
+                self.allocator.grow(seq.block_table, seq.cache_len + take)
                 prefill.append(Chunk(seq, seq.computed, take))
                 budget -= take
         return decode + prefill
 
+    def _room(self, seq: Sequence) -> int:
+        """Tokens `seq` may add to its cache before it is full."""
+        return seq.pending if self.cache_limit is None else self.cache_limit - seq.cache_len
+
+    def _make_room(self, seq: Sequence) -> None:
+        if self._evict is not None and self._room(seq) <= 0:
+            self._evict(seq)
+
+    def _target(self, seq: Sequence) -> int:
+        """Cache entries `seq` needs for everything pending, as far as its cache may hold them."""
+        return seq.cache_len + min(seq.pending, max(self._room(seq), 1))
+
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_running:
             seq = self.waiting[0]
-            need = self.allocator.missing(seq.block_table, seq.cache_len + seq.pending)
-            if need > self.allocator.free_blocks - len(self.running):
+            if seq.cache_len == 0 and not seq.block_table:
+                self.sessions.resume(seq)
+            need = self.allocator.missing(seq.block_table, self._target(seq))
+            wanted = need + len(self.running)
+            if wanted > self.allocator.free_blocks and not self.sessions.reclaim(wanted):
                 return  # waits for blocks; FIFO, so a long prompt is not starved by short ones behind it
             self.waiting.popleft()
-            self.allocator.grow(seq.block_table, seq.cache_len + seq.pending)
+            self.allocator.grow(seq.block_table, self._target(seq))
             seq.status = Status.RUNNING
             self.running.append(seq)
 
@@ -83,7 +122,10 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or seq.pending != 1:
                 continue
+            self._make_room(seq)
             while self.allocator.missing(seq.block_table, seq.cache_len + 1) > self.allocator.free_blocks:
+                if self.sessions.reclaim(self.allocator.missing(seq.block_table, seq.cache_len + 1)):
+                    break
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:

@@ -25,8 +25,8 @@ class Sequence:
     """Engine-thread state of one request.
 
     `tokens` is prompt + output so far. `computed` counts the tokens of `tokens` already fed through the
-    model; `cache_len` counts the key/value entries the sequence holds in the cache. They are equal today;
-    attention sinks will evict entries (cache_len < computed) and positions are cache positions.
+    model; `cache_len` counts the key/value entries the sequence holds in the cache: fewer once attention
+    sinks evicted some. Positions are cache positions.
     """
 
     request: GenerationRequest
@@ -40,6 +40,7 @@ class Sequence:
     status: Status = Status.WAITING
     prefill_logprobs: list[Token] | None = None  # LMI `decoder_input_details`, filled during prefill
     cancelled: bool = False
+    cached_prompt: int = 0  # prompt tokens taken from the session's cache instead of computed
 
     def __post_init__(self) -> None:
         if not self.tokens:
@@ -77,4 +78,9 @@ class Abort:
     seq: Sequence
 
 
-Command = Add | Abort
+@dataclass(frozen=True)
+class CloseSession:
+    session_id: str
+
+
+Command = Add | Abort | CloseSession

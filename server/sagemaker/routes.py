@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from llm_endpoint.server.sagemaker.eventstream import model_stream_error, payload_part
-from llm_endpoint.server.serving import Generation, InferenceService, MidStreamError, ServiceError
+from llm_endpoint.server.serving import Generation, InferenceService, MidStreamError, ServiceError, SessionReply
 from llm_endpoint.server.transport import GenerationStream, respond, start_generation
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def validation_error(message: str) -> SageMakerError:
 def from_model_error(exc: ServiceError, endpoint: str) -> SageMakerError:
     """SageMaker wraps a container's error status as 424 ModelError, keeping the original status and body
     (not retried by boto3, unlike 5xx); a model still loading is ModelNotReadyException (429)."""
-    if exc.status == 413:
+    if exc.status == 413 or (exc.status == 400 and exc.error_type is None):  # too large; bad session
         return validation_error(str(exc))
     if exc.status == 503 and exc.error_type is None and "not ready" in str(exc):
         return SageMakerError(429, "ModelNotReadyException", {"Message": str(exc)})
@@ -112,5 +112,10 @@ def add_sagemaker_routes(app: FastAPI, service: InferenceService) -> None:
             return from_model_error(exc, endpoint).response()
         except SageMakerError as exc:
             return exc.response()
+        if isinstance(generation, SessionReply):  # botocore reads NewSessionId/ClosedSessionId on InvokeEndpoint only
+            return validation_error(
+                "session requests (requestType NEW_SESSION or CLOSE) go to InvokeEndpoint, not "
+                f"InvokeEndpointWithResponseStream; the request was answered: {generation.body}"
+            ).response()
         headers["X-Amzn-SageMaker-Content-Type"] = generation.formatter.content_type
         return GenerationStream(_event_frames(generation), generation, media_type=EVENTSTREAM, headers=headers)
