@@ -3,8 +3,7 @@ engine's output against transformers with rows joining and leaving."""
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,15 +11,14 @@ import pytest
 import torch
 
 from llm_endpoint.backends.errors import BackendError
-from llm_endpoint.backends.text import TextAssembler
-from llm_endpoint.backends.torch_engine import attention
 from llm_endpoint.backends.torch_engine.block_cache import BlockAllocator, OutOfBlocks, PagedKVCache, slot_mapping
-from llm_endpoint.backends.torch_engine.engine import TorchEngine, kv_cache_blocks
+from llm_endpoint.backends.torch_engine.engine import kv_cache_blocks
 from llm_endpoint.backends.torch_engine.forward_batch import ForwardBatch, Span
 from llm_endpoint.backends.torch_engine.sampling import RowFailure, RowSample, sample_rows
 from llm_endpoint.backends.torch_engine.scheduler import Scheduler
 from llm_endpoint.backends.torch_engine.sequence import Sequence, Status
 from llm_endpoint.backends.types import GenerationRequest, SamplingParams, TokenEvent
+from tests.engine_harness import EngineHarness, Stream
 from tests.test_reference_equivalence import PROMPTS
 
 # ---- block allocator and paged cache -------------------------------------------------------------
@@ -255,70 +253,6 @@ def test_scheduler_preempts_the_youngest_under_block_pressure_and_loses_nothing(
 # ---- the engine on the real model ----------------------------------------------------------------
 
 
-@dataclass
-class _Stream:
-    prompt: str
-    max_new_tokens: int
-    params: dict[str, Any] = field(default_factory=dict)
-    events: list[TokenEvent] = field(default_factory=list)
-    error: BaseException | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def token_ids(self) -> list[int]:
-        return [e.token.id for e in self.events]
-
-
-class _EngineHarness:
-    """The engine loop on its own thread, with the model loaded there (as TorchBackend does)."""
-
-    def __init__(self, model_dir: Path, tokenizer: Any, *, dtype: torch.dtype = torch.float32, **engine: Any) -> None:
-        from transformers import AutoModelForCausalLM
-
-        self.tokenizer = tokenizer
-        self.engine: TorchEngine | None = None
-        ready = threading.Event()
-
-        def loop() -> None:
-            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype,
-                                                         attn_implementation=attention.NAME).eval()
-            self.engine = TorchEngine(model, tokenizer, **{"max_running": 8, "max_model_len": 2048, **engine})
-            ready.set()
-            self.engine.run()
-
-        self.thread = threading.Thread(target=loop, daemon=True)
-        self.thread.start()
-        assert ready.wait(300)
-
-    def submit(self, stream: _Stream, *, on_event: Any = None) -> None:
-        assert self.engine is not None
-        ids = tuple(self.tokenizer(stream.prompt)["input_ids"])
-        params = SamplingParams(max_new_tokens=stream.max_new_tokens, **stream.params)
-        request = GenerationRequest(f"r{id(stream)}", ids, params)
-
-        def deliver(item: TokenEvent | BaseException) -> None:
-            if isinstance(item, BaseException):
-                stream.error = item
-                stream.done.set()
-                return
-            if on_event is not None:
-                on_event(stream, item)
-            stream.events.append(item)
-            if item.finished:
-                stream.done.set()
-
-        generator = torch.Generator().manual_seed(params.seed or 0) if params.do_sample else None
-        assembler = TextAssembler(self.tokenizer, ids, params.stop_sequences, special_ids=self.engine.special_ids)
-        self.engine.submit(Sequence(request=request, deliver=deliver, assembler=assembler, generator=generator))
-
-    def stop(self) -> None:
-        assert self.engine is not None
-        self.engine.stop()
-        self.thread.join(30)
-
-
-
-
 def _reference(hf_model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> list[int]:
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     with torch.inference_mode():
@@ -332,13 +266,13 @@ def test_engine_greedy_equals_transformers_with_rows_joining_and_leaving(
 ) -> None:
     # small prefill chunks and blocks so prompts span several chunks and blocks, and rows of different
     # lengths decode together while others are still prefilling
-    harness = _EngineHarness(model_dir, tokenizer, forward=forward, prefill_tokens=16, block_size=4)
+    harness = EngineHarness(model_dir, tokenizer, forward=forward, prefill_tokens=16, block_size=4)
     try:
-        first_wave = [_Stream(PROMPTS[0], 20), _Stream(PROMPTS[3], 12), _Stream(PROMPTS[1], 30)]
-        second_wave = [_Stream(PROMPTS[2], 16), _Stream(PROMPTS[4], 24)]
+        first_wave = [Stream(PROMPTS[0], 20), Stream(PROMPTS[3], 12), Stream(PROMPTS[1], 30)]
+        second_wave = [Stream(PROMPTS[2], 16), Stream(PROMPTS[4], 24)]
         pending = list(second_wave)
 
-        def join_after_five(stream: _Stream, event: TokenEvent) -> None:
+        def join_after_five(stream: Stream, event: TokenEvent) -> None:
             if len(stream.events) == 4 and pending:  # the fifth token: the others join mid-stream
                 harness.submit(pending.pop(0))
 
@@ -356,20 +290,20 @@ def test_engine_greedy_equals_transformers_with_rows_joining_and_leaving(
 
 def test_engine_fails_only_the_poisoned_request(model_dir: Path, tokenizer: Any) -> None:
     """Whatever slips past validation fails its own request: a sampler poison and a consumer that raises."""
-    healthy = [_Stream(PROMPTS[1], 16, {"ignore_eos": True}),
-               _Stream(PROMPTS[2], 16, {"do_sample": True, "seed": 4, "temperature": 0.7, "ignore_eos": True})]
+    healthy = [Stream(PROMPTS[1], 16, {"ignore_eos": True}),
+               Stream(PROMPTS[2], 16, {"do_sample": True, "seed": 4, "temperature": 0.7, "ignore_eos": True})]
 
     def run(with_poison: bool) -> list[list[int]]:
-        streams = [_Stream(s.prompt, s.max_new_tokens, s.params) for s in healthy]
-        harness = _EngineHarness(model_dir, tokenizer)
+        streams = [Stream(s.prompt, s.max_new_tokens, s.params) for s in healthy]
+        harness = EngineHarness(model_dir, tokenizer)
         try:
-            poisons: list[_Stream] = []
+            poisons: list[Stream] = []
             if with_poison:
-                poisons = [_Stream(PROMPTS[0], 16, {"do_sample": True, "temperature": 1e-45}),
-                           _Stream(PROMPTS[4], 16, {"repetition_penalty": 1e-40, "do_sample": True}),
-                           _Stream(PROMPTS[3], 16, {"ignore_eos": True})]
+                poisons = [Stream(PROMPTS[0], 16, {"do_sample": True, "temperature": 1e-45}),
+                           Stream(PROMPTS[4], 16, {"repetition_penalty": 1e-40, "do_sample": True}),
+                           Stream(PROMPTS[3], 16, {"ignore_eos": True})]
 
-                def explode(stream: _Stream, event: TokenEvent) -> None:
+                def explode(stream: Stream, event: TokenEvent) -> None:
                     if stream is poisons[2] and len(stream.events) == 2:
                         raise RuntimeError("consumer broke")
 
@@ -399,8 +333,8 @@ def test_engine_under_block_pressure_queues_and_finishes_every_request(model_dir
     max_model_len = 96
     block_bytes = 16 * 2 * 30 * 3 * 64 * 4  # fp32 demo model
     space = (2 * (max_model_len // 16 + 1)) * block_bytes
-    streams = [_Stream(PROMPTS[i % len(PROMPTS)] + f" ({i})", 40) for i in range(8)]
-    harness = _EngineHarness(model_dir, tokenizer, max_model_len=max_model_len, kv_cache_space=space)
+    streams = [Stream(PROMPTS[i % len(PROMPTS)] + f" ({i})", 40) for i in range(8)]
+    harness = EngineHarness(model_dir, tokenizer, max_model_len=max_model_len, kv_cache_space=space)
     try:
         for stream in streams:
             harness.submit(stream)
@@ -411,7 +345,7 @@ def test_engine_under_block_pressure_queues_and_finishes_every_request(model_dir
         pressure = engine.scheduler.preemptions
         solo: list[list[int]] = []
         for stream in streams:
-            alone = _Stream(stream.prompt, stream.max_new_tokens)
+            alone = Stream(stream.prompt, stream.max_new_tokens)
             harness.submit(alone)
             assert alone.done.wait(300)
             solo.append(alone.token_ids)

@@ -62,14 +62,16 @@ class Rerotation:
     scaling) and leaves out its attention scaling factor, which the stored keys already carry once."""
 
     def __init__(self, rotary: Any) -> None:
-        self.inv_freq = rotary.inv_freq.detach().to(torch.float32)
+        self.inv_freq = rotary.inv_freq.detach().to(torch.float64)
 
     def __call__(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
         """keys [..., head_dim] -> the same keys at positions `delta` lower, in the keys' dtype."""
-        angles = (-float(delta)) * self.inv_freq.to(keys.device)
+        angles = (-float(delta)) * self.inv_freq  # in fp64: exact enough for any shift
         angles = torch.cat((angles, angles))
-        cos, sin = angles.cos(), angles.sin()
-        x = keys.to(torch.float32)
+        compute = torch.float64 if keys.dtype == torch.float64 else torch.float32
+        cos = angles.cos().to(device=keys.device, dtype=compute)
+        sin = angles.sin().to(device=keys.device, dtype=compute)
+        x = keys.to(compute)
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return (x * cos + rotated * sin).to(keys.dtype)
