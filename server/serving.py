@@ -304,7 +304,7 @@ class InferenceService:
     ) -> Generation:
         history = session.history if session is not None else None
         try:
-            if size <= _INLINE_PARSE_BYTES:
+            if size + (history.chars if history is not None else 0) <= _INLINE_PARSE_BYTES:
                 parsed = self.parser.parse(payload, request_id, force_stream, accept, history)
             else:
                 loop = asyncio.get_running_loop()

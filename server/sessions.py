@@ -41,6 +41,7 @@ class History:
     kind: Literal["lmi", "chat"] | None = None
     text: str = ""
     messages: list[dict[str, str]] = field(default_factory=list)
+    chars: int = 0  # how much text a turn re-renders and re-tokenizes
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class Session:
         else:
             history.messages.extend(turn.messages)
             history.messages.append({"role": "assistant", "content": reply})
+        history.chars += len(turn.text) + sum(len(m.get("content") or "") for m in turn.messages) + len(reply)
 
 
 def _utc(seconds: float) -> str:

@@ -22,10 +22,11 @@ SESSION = "X-Amzn-SageMaker-Session-Id"
 SESSIONS_ON = {"enable_stateful_sessions": "true"}
 LMI_TURNS = ["The capital of France is", " And the capital of Italy is", " Finally, the capital of Spain is"]
 CHAT_TURNS = ["Hi! Name one colour.", "Now name a fruit.", "Thanks. What is 2+2?"]
-# Our engine reuses the session's KV in fp32: equal to recomputing up to summation order. Other engines'
-# prefix caches compute in their own block layouts; their own tolerance.
+# Our engine reuses the session's KV in fp32: equal to recomputing up to summation order. vLLM's and
+# OpenVINO's log-probs are held to 2e-3 of transformers' (their conformance tests); a cached and an uncached
+# run may sit on either side of it.
 LOGPROB_TOLERANCE = {"scheduler": 1e-4, "disable": 1e-4}
-OTHER_ENGINES_TOLERANCE = 2e-3
+OTHER_ENGINES_TOLERANCE = 4e-3
 
 
 @pytest.fixture
