@@ -72,6 +72,17 @@ def test_lmi_dist_is_vllm_and_unknown_options_pass_through(tmp_path: Path) -> No
     assert cfg.engine_options == {"enable_prefix_caching": "true"}
 
 
+def test_session_and_sink_options_and_their_sagemaker_variables(tmp_path: Path) -> None:
+    cfg = load_config(tmp_path, {"SAGEMAKER_ENABLE_STATEFUL_SESSIONS": "true", "SAGEMAKER_SESSIONS_EXPIRATION": "60",
+                                 "OPTION_SESSIONS_MAX_MEMORY": "1.5", "OPTION_ATTENTION_WINDOW": "500"})
+    assert (cfg.enable_stateful_sessions, cfg.sessions_expiration, cfg.sessions_max_memory) == (True, 60, 1.5)
+    assert cfg.attention_sinks_enabled and (cfg.sink_tokens, cfg.window_tokens) == (4, 500)
+    defaults = load_config(tmp_path, {})
+    assert not defaults.enable_stateful_sessions and defaults.sessions_expiration == 1200
+    assert not defaults.attention_sinks_enabled
+    assert load_config(tmp_path, {"OPTION_ATTENTION_SINKS": "0"}).attention_sinks_enabled  # a plain window
+
+
 def test_model_name_follows_lmi(tmp_path: Path) -> None:
     assert load_config(tmp_path, {"HF_MODEL_ID": "org/my-model"}).model_name == "org_my_model"
     assert load_config(tmp_path / "x", {}).model_name == "x"
@@ -88,6 +99,9 @@ def test_model_name_follows_lmi(tmp_path: Path) -> None:
         ({"OPTION_MAX_MODEL_LEN": "0"}, "expected an integer >= 2"),
         ({"OPTION_GPU_MEMORY_UTILIZATION": "1.5"}, "expected a number"),
         ({"SERVING_JOB_QUEUE_SIZE": "-1"}, "job_queue_size (env SERVING_JOB_QUEUE_SIZE)='-1'"),
+        ({"OPTION_ENABLE_STATEFUL_SESSIONS": "sure"}, "expected true or false"),
+        ({"OPTION_ATTENTION_WINDOW": "8"}, "option.attention_window (env OPTION_ATTENTION_WINDOW)='8': expected an integer >= 32"),
+        ({"OPTION_SESSIONS_EXPIRATION": "0"}, "expected an integer >= 1"),
     ],
 )
 def test_invalid_values_name_option_value_and_allowed(tmp_path: Path, env: dict, fragment: str) -> None:

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Attention sinks on our engine: the StreamingLLM paper's perplexity experiment, then one endless session.
+"""Stateful sessions and attention sinks: the StreamingLLM paper's perplexity experiment on our engine, one
+endless session, and how much of a session's history each engine reuses.
 
 Part 1, `ppl`: teacher-forced log-probs of one long offline text (CPython's `pydoc_data/topics.py`, the first
 `--tokens` tokens) through our engine's prefill (`decoder_input_details`), per segment, for
@@ -15,9 +16,14 @@ of `--turn-tokens` tokens of the same text and `--new-tokens` generated tokens e
 `--session-tokens`; reports ms per generated token (median inter-token gap of the turn's stream) and the
 server's RSS at 1k, 10k, 100k... tokens.
 
-Usage (repository root, quiet machine; ~15 minutes on 2 cores):
+Part 3, `reuse`: per backend (`--backends`), a server with sessions on; a session's first turn carries
+`--history-tokens` tokens of the text, then its second turn a short question: time to first token of that
+turn against a stateless request of the same length whose history the engine has never seen (the cost
+without reuse), and the prompt tokens reported as served from cache (`llm_session_prompt_tokens_total`).
 
-    .venv/bin/python scripts/bench_sinks.py [ppl|session|all] [--model-dir DIR] [--json out.json]
+Usage (repository root, quiet machine; ~25 minutes on 2 cores; OpenVINO needs LLM_ENDPOINT_OPTIMUM_CLI):
+
+    .venv/bin/python scripts/bench_sessions.py [ppl|session|reuse|all] [--model-dir DIR] [--json out.json]
 """
 
 from __future__ import annotations
@@ -227,6 +233,59 @@ def run_session(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     return {"turn_tokens": args.turn_tokens, "new_tokens": args.new_tokens, "rows": rows}
 
 
+def _first_token_seconds(url: str, body: dict[str, Any], headers: dict[str, str]) -> float:
+    import requests
+
+    started = time.perf_counter()
+    first = None
+    with requests.post(url, json={**body, "stream": True}, headers=headers, stream=True, timeout=600) as res:
+        res.raise_for_status()
+        for line in res.iter_lines():  # to the end: an abandoned turn would not join the session
+            if line and first is None:
+                first = time.perf_counter() - started
+    if first is None:
+        raise RuntimeError("empty stream")
+    return first
+
+
+def run_reuse(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
+    import requests
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(REPO))
+    from tests.conftest import start_server
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    text_ids = tokenizer(_text())["input_ids"]
+    n = args.history_tokens
+    seen, unseen = tokenizer.decode(text_ids[:n]), tokenizer.decode(text_ids[n : 2 * n])
+    question = {"max_new_tokens": 8, "ignore_eos_token": True}
+    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for backend in args.backends.split(","):
+        server = start_server(model_dir, {"enable_stateful_sessions": "true"}, Path(args.log_dir), backend)
+        try:
+            url = server.url + "/invocations"
+            res = requests.post(url, json={"requestType": "NEW_SESSION"}, timeout=30)
+            session = {"X-Amzn-SageMaker-Session-Id": res.headers["X-Amzn-SageMaker-Session-Id"].split(";")[0]}
+            first = requests.post(url, json={"inputs": seen, "parameters": question}, headers=session, timeout=600)
+            first.raise_for_status()
+            reply = first.json()["generated_text"]
+            cold_body = {"inputs": unseen + reply + " Summarize this.", "parameters": question}
+            _first_token_seconds(url, {"inputs": "warm-up", "parameters": question}, {})
+            warm = _first_token_seconds(url, {"inputs": " Summarize this.", "parameters": question}, session)
+            cold = _first_token_seconds(url, cold_body, {})
+            metrics = requests.get(server.url + "/metrics", timeout=10).text
+            cached = next(float(line.split()[-1]) for line in metrics.splitlines()
+                          if line.startswith('llm_session_prompt_tokens_total{source="cache"}'))
+            rows[backend] = {"ttft_session_s": warm, "ttft_unseen_s": cold, "speedup": cold / warm,
+                             "cached_prompt_tokens": cached}
+            print(f"[reuse] {backend}: {rows[backend]}", file=sys.stderr, flush=True)
+        finally:
+            server.stop()
+    return {"history_tokens": n, "backends": rows}
+
+
 def _report(doc: dict[str, Any]) -> None:
     if "ppl" in doc:
         ppl = doc["ppl"]
@@ -237,6 +296,13 @@ def _report(doc: dict[str, Any]) -> None:
         for name, arm in ppl["arms"].items():
             cells = [f"{arm['ppl'][n]:.2f}" if arm["ppl"][n] is not None else "-" for n in names]
             print(f"| {name} | " + " | ".join(cells) + f" | {arm['ms_per_token']:.2f} | {arm['added_mib']:.0f} |")
+    if "reuse" in doc:
+        print(f"\nsecond turn of a session after {doc['reuse']['history_tokens']} history tokens: time to first token")
+        print("| backend | session turn s | same length, unseen s | speedup | prompt tokens from cache |")
+        print("|---|---|---|---|---|")
+        for name, row in doc["reuse"]["backends"].items():
+            print(f"| {name} | {row['ttft_session_s']:.2f} | {row['ttft_unseen_s']:.2f} | {row['speedup']:.1f}x | "
+                  f"{row['cached_prompt_tokens']:.0f} |")
     if "session" in doc:
         print("\none session, sinks on: ms per generated token and server RSS")
         print("| session tokens | ms/token | server RSS MiB |")
@@ -250,7 +316,7 @@ def main() -> None:
         print(json.dumps(_child(json.loads(sys.stdin.read()))))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", nargs="?", default="all", choices=["ppl", "session", "all"])
+    parser.add_argument("part", nargs="?", default="all", choices=["ppl", "session", "reuse", "all"])
     parser.add_argument("--model-dir")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--tokens", type=int, default=20480, help="tokens of text scored (part 1)")
@@ -259,7 +325,9 @@ def main() -> None:
     parser.add_argument("--session-tokens", type=int, default=100_000)
     parser.add_argument("--turn-tokens", type=int, default=1000)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--log-dir", default="/tmp/bench_sinks_logs")
+    parser.add_argument("--history-tokens", type=int, default=1500, help="first turn's length (part 3)")
+    parser.add_argument("--backends", default="scheduler,vllm,openvino", help="part 3")
+    parser.add_argument("--log-dir", default="/tmp/bench_sessions_logs")
     parser.add_argument("--json")
     args = parser.parse_args()
     model_dir = _model_dir(args.model_dir)
@@ -268,6 +336,8 @@ def main() -> None:
         doc["ppl"] = run_ppl(args, model_dir)
     if args.part in ("session", "all"):
         doc["session"] = run_session(args, model_dir)
+    if args.part in ("reuse", "all"):
+        doc["reuse"] = run_reuse(args, model_dir)
     _report(doc)
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=2))
