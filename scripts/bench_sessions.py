@@ -11,7 +11,7 @@ Part 1, `ppl`: teacher-forced log-probs of one long offline text (CPython's `pyd
     it: transformers, the same dtype; every `--stride`-th token, since each costs a whole window);
 with peak resident memory added by each arm (its own child process) and milliseconds per scored token.
 
-Part 2, `session`: one stateful session on a real server (sessions on, sinks 4 + default window), fed turns
+Part 2, `session`: one stateful session on a real server (sessions on, sinks 4 + `--window`), fed turns
 of `--turn-tokens` tokens of the same text and `--new-tokens` generated tokens each, until the session holds
 `--session-tokens`; reports ms per generated token (median inter-token gap of the turn's stream) and the
 server's RSS at 1k, 10k, 100k... tokens.
@@ -195,7 +195,8 @@ def run_session(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     server = start_server(model_dir, {"dtype": args.dtype, "enable_stateful_sessions": "true",
-                                      "attention_sinks": str(SINKS)}, log_dir, "scheduler")
+                                      "attention_sinks": str(SINKS), "attention_window": str(args.window)},
+                          log_dir, "scheduler")
     checkpoints = [c for c in (1_000, 10_000, 100_000, 1_000_000) if c <= args.session_tokens]
     rows = []
     try:
@@ -320,7 +321,7 @@ def main() -> None:
     parser.add_argument("--model-dir")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--tokens", type=int, default=20480, help="tokens of text scored (part 1)")
-    parser.add_argument("--window", type=int, default=1020, help="attention_window of the sinks arm (part 1)")
+    parser.add_argument("--window", type=int, default=1020, help="attention_window (parts 1 and 2)")
     parser.add_argument("--stride", type=int, default=64, help="score every n-th token with recomputation")
     parser.add_argument("--session-tokens", type=int, default=100_000)
     parser.add_argument("--turn-tokens", type=int, default=1000)

@@ -100,7 +100,8 @@ def test_model_name_follows_lmi(tmp_path: Path) -> None:
         ({"OPTION_GPU_MEMORY_UTILIZATION": "1.5"}, "expected a number"),
         ({"SERVING_JOB_QUEUE_SIZE": "-1"}, "job_queue_size (env SERVING_JOB_QUEUE_SIZE)='-1'"),
         ({"OPTION_ENABLE_STATEFUL_SESSIONS": "sure"}, "expected true or false"),
-        ({"OPTION_ATTENTION_WINDOW": "8"}, "option.attention_window (env OPTION_ATTENTION_WINDOW)='8': expected an integer >= 32"),
+        ({"OPTION_ATTENTION_WINDOW": "8"},
+         "option.attention_window (env OPTION_ATTENTION_WINDOW)='8': expected an integer >= 32"),
         ({"OPTION_SESSIONS_EXPIRATION": "0"}, "expected an integer >= 1"),
     ],
 )
