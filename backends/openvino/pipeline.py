@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,9 @@ def scheduler_config(config: ServingConfig) -> Any:
         scheduler.max_num_batched_tokens = config.max_rolling_batch_prefill_tokens
     if config.enable_stateful_sessions:  # a session's turns resend the history: reuse its KV
         scheduler.enable_prefix_caching = True
+        # With the cache sized dynamically (cache_size 0) GenAI gives cached blocks back as soon as another
+        # request runs, and a session's next turn finds nothing (measured); a fixed pool keeps them.
+        scheduler.cache_size = _session_cache_gib()
     for key, value in config.engine_options.items():
         if key not in _SCHEDULER_KEYS:
             log.warning("ignoring option.%s: not an OpenVINO GenAI scheduler setting (%s)", key,
@@ -67,6 +71,12 @@ def scheduler_config(config: ServingConfig) -> Any:
         except ValueError as exc:
             raise ConfigError(f"invalid option.{key}={value!r}: {exc}") from None
     return scheduler
+
+
+def _session_cache_gib() -> int:
+    """The fixed KV pool with sessions on (GiB, as GenAI takes it): an eighth of RAM, at least 1."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(1, physical // 8 // 2**30)
 
 
 def generation_settings(request: GenerationRequest, max_new_tokens: int) -> dict[str, Any]:
