@@ -50,6 +50,11 @@ class Backend(abc.ABC):
     def stats(self) -> BackendStats:
         """Current running and waiting request counts."""
 
+    def prompt_lookup_refusal(self, tokens: int) -> str | None:
+        """Why a request's own `prompt_lookup_num_tokens=tokens` cannot be served (None when it can).
+        Default: an engine without prompt lookup serves only 0."""
+        return None if tokens == 0 else "it has no prompt lookup decoding (option.rolling_batch=scheduler has)"
+
     def close_session(self, session_id: str) -> None:
         """Forget what the engine keeps for a stateful session (closed or expired). Default: nothing kept,
         as with engines whose prefix cache reuses a session's history on its own."""

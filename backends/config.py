@@ -105,6 +105,10 @@ class ServingConfig(BaseModel):
     # setting either turns it on (sinks 4, window DEFAULT_ATTENTION_WINDOW when the other is unset).
     attention_sinks: int | None = Field(None, ge=0, le=1024)
     attention_window: int | None = Field(None, ge=32)
+    # Prompt lookup decoding: draft tokens per step copied from n-grams of the prompt and output (0: off), and
+    # the longest n-gram matched. A request's `prompt_lookup_num_tokens` parameter overrides the first.
+    prompt_lookup_num_tokens: int = Field(0, ge=0, le=64)
+    prompt_lookup_max_ngram: int = Field(3, ge=1, le=16)
     engine_options: dict[str, str] = Field(default_factory=dict)
     # Where downloads and conversions are kept (LLM_ENDPOINT_CACHE), and the optimum-intel converter that
     # turns HF directories into OpenVINO IR (LLM_ENDPOINT_OPTIMUM_CLI, else optimum-cli on PATH).

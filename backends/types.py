@@ -37,6 +37,8 @@ class SamplingParams:
     # Whether the response shows each generated token's log-prob. An engine for which they cost extra work
     # (vLLM) may leave `Token.log_prob` None when this is False; the others report them anyway.
     token_logprobs: bool = True
+    # Prompt lookup decoding: draft tokens per step copied from the prompt and output (0: off).
+    prompt_lookup_num_tokens: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -77,6 +79,8 @@ class TokenEvent:
     prefill: list[Token] | None = None  # only on the first event, when prompt_logprobs was asked
     prompt_tokens: int = 0  # filled on the final event
     cached_tokens: int = 0  # final event: prompt tokens whose KV the engine reused (session or prefix cache)
+    draft_tokens: int = 0  # final event: prompt-lookup draft tokens proposed for the request
+    accepted_draft_tokens: int = 0  # ... and how many of them verification kept
 
     @property
     def finished(self) -> bool:

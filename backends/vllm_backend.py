@@ -62,6 +62,12 @@ class VllmBackend(Backend):
         waiting = min(self._waiting, total)
         return BackendStats(running=total - waiting, waiting=waiting)
 
+    def prompt_lookup_refusal(self, tokens: int) -> str | None:
+        configured = self._config.prompt_lookup_num_tokens
+        if tokens == configured:
+            return None
+        return f"vLLM drafts option.prompt_lookup_num_tokens={configured} tokens for every request, set at start-up"
+
     def shutdown(self) -> None:
         if self._engine is not None:
             self._engine.shutdown()
@@ -232,6 +238,11 @@ def engine_args(config: ServingConfig, files: ModelFiles, max_model_len: int) ->
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     if config.enable_stateful_sessions:  # a session's turns resend the history: reuse its KV
         kwargs["enable_prefix_caching"] = True
+    if config.prompt_lookup_num_tokens:  # vLLM's n-gram speculation is prompt lookup
+        kwargs["speculative_config"] = {
+            "method": "ngram", "num_speculative_tokens": config.prompt_lookup_num_tokens,
+            "prompt_lookup_max": config.prompt_lookup_max_ngram, "prompt_lookup_min": 1,
+        }
     kwargs.update(parse_engine_options(config.engine_options))
     # LMI's log_prob is the model's own distribution, before temperature/penalties/top-k/top-p.
     kwargs["logprobs_mode"] = "raw_logprobs"

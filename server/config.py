@@ -53,6 +53,8 @@ _OPTION_FIELDS = {
     "sessions_max_memory": "sessions_max_memory",
     "attention_sinks": "attention_sinks",
     "attention_window": "attention_window",
+    "prompt_lookup_num_tokens": "prompt_lookup_num_tokens",
+    "prompt_lookup_max_ngram": "prompt_lookup_max_ngram",
 }
 # Server-level keys: `key` in serving.properties or SERVING_<KEY> in the environment.
 _SERVER_FIELDS = {

@@ -54,6 +54,10 @@ class Metrics:
             ["source"], registry=r,
         )
         self.generated_tokens = Counter("llm_generation_tokens", "Tokens generated", registry=r)
+        self.draft_tokens = Counter(
+            "llm_draft_tokens", "Prompt-lookup draft tokens proposed, and accepted by verification (ours)",
+            ["result"], registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -19,6 +19,7 @@ from llm_endpoint.backends.config import ResponseFormat
 MAX_SEED = 2**63 - 1
 MAX_STOP_SEQUENCES = 16
 MAX_TOP_N_TOKENS = 20
+MAX_PROMPT_LOOKUP_TOKENS = 64
 # The smallest temperature that samples. Sampling divides the logits by the temperature, so a tiny one
 # (1e-45) overflows them to inf and the probabilities to NaN; vLLM silently clamps anything below 0.01 up to
 # it. One explicit floor, enforced here, keeps every backend identical: 0 means greedy, and anything else
@@ -73,6 +74,7 @@ class LmiParameters(_Lenient):
     decoder_input_details: StrictBool | None = None
     top_n_tokens: StrictInt | None = Field(None, ge=0, le=MAX_TOP_N_TOKENS)
     ignore_eos_token: StrictBool | None = None
+    prompt_lookup_num_tokens: StrictInt | None = Field(None, ge=0, le=MAX_PROMPT_LOOKUP_TOKENS)
 
 
 class LmiRequest(_Lenient):
@@ -116,6 +118,7 @@ class ChatCompletionRequest(_Lenient):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     ignore_eos: StrictBool = False
+    prompt_lookup_num_tokens: StrictInt | None = Field(None, ge=0, le=MAX_PROMPT_LOOKUP_TOKENS)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,7 +142,7 @@ def _check_unicode(text: str, field: str) -> None:
 def _sampling_params(
     *, max_new_tokens: int, do_sample: bool, temperature: float | None, top_k: int | None, top_p: float | None,
     repetition_penalty: float | None, seed: int | None, stop_sequences: tuple[str, ...], ignore_eos: bool,
-    top_n_tokens: int, output: OutputOptions, prompt_logprobs: bool = False,
+    top_n_tokens: int, output: OutputOptions, prompt_logprobs: bool = False, prompt_lookup_num_tokens: int = 0,
 ) -> SamplingParams:
     """The one mapping of validated wire values onto SamplingParams, for LMI and chat bodies alike: absent
     values take their neutral defaults, temperature 0 leaves 1.0 (greedy decides), unseeded requests get a seed."""
@@ -159,6 +159,7 @@ def _sampling_params(
         top_n_tokens=top_n_tokens,
         prompt_logprobs=prompt_logprobs,
         token_logprobs=output.shows_token_logprobs,
+        prompt_lookup_num_tokens=prompt_lookup_num_tokens,
     )
 
 
@@ -167,8 +168,10 @@ class RequestParser:
 
     def __init__(
         self, config: ServingConfig, tokenizer: Any, max_model_len: int, backend_name: str = "scheduler",
-        supports_top_tokens: bool = True,
+        supports_top_tokens: bool = True, prompt_lookup_refusal: Callable[[int], str | None] | None = None,
     ) -> None:
+        """`prompt_lookup_refusal(k)`: why the backend cannot serve a request's own prompt_lookup_num_tokens=k
+        (None when it can; unset: any value)."""
         self.config = config
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
@@ -176,6 +179,17 @@ class RequestParser:
         self.unbounded = config.attention_sinks_enabled
         self.backend_name = backend_name
         self.supports_top_tokens = supports_top_tokens
+        self.prompt_lookup_refusal = prompt_lookup_refusal or (lambda k: None)
+
+    def _prompt_lookup(self, requested: int | None, field: str) -> int:
+        """Draft tokens per step for a request: its own value if it gives one the backend can serve, else the
+        option's."""
+        if requested is None:
+            return self.config.prompt_lookup_num_tokens
+        refusal = self.prompt_lookup_refusal(requested)
+        if refusal:
+            raise InvalidRequest(f"'{field}'={requested} is not supported by the {self.backend_name} backend: {refusal}")
+        return requested
 
     def _check_top_tokens(self, count: int, field: str) -> None:
         if count and not self.supports_top_tokens:
@@ -272,6 +286,7 @@ class RequestParser:
             top_n_tokens=p.top_n_tokens or 0,
             output=output,
             prompt_logprobs=bool(p.decoder_input_details),
+            prompt_lookup_num_tokens=self._prompt_lookup(p.prompt_lookup_num_tokens, "parameters.prompt_lookup_num_tokens"),
         )
         turn = Turn("lmi", text=req.inputs) if history is not None else None
         return ParsedRequest(GenerationRequest(request_id, ids, params, prompt), output, turn)
@@ -335,6 +350,7 @@ class RequestParser:
             ignore_eos=req.ignore_eos,
             top_n_tokens=top_n,
             output=output,
+            prompt_lookup_num_tokens=self._prompt_lookup(req.prompt_lookup_num_tokens, "prompt_lookup_num_tokens"),
         )
         turn = Turn("chat", messages=tuple(messages)) if history is not None else None
         return ParsedRequest(GenerationRequest(request_id, ids, params, prompt), output, turn)

@@ -125,6 +125,8 @@ class Generation:
                 self._text.append(event.token.text)
                 yield event
             final = event
+            metrics.draft_tokens.labels("proposed").inc(event.draft_tokens)
+            metrics.draft_tokens.labels("accepted").inc(event.accepted_draft_tokens)
         except StopAsyncIteration:
             raise MidStreamError("the engine ended the request without a finish reason") from None
         except BackendError as exc:
@@ -198,7 +200,8 @@ class InferenceService:
         self.config = config
         self.backend = backend
         self.parser = RequestParser(
-            config, tokenizer, max_model_len, backend.name, backend.supports_top_tokens
+            config, tokenizer, max_model_len, backend.name, backend.supports_top_tokens,
+            backend.prompt_lookup_refusal,
         )
         self.admission = Admission(config.effective_max_rolling_batch_size, config.job_queue_size)
         self.sessions = (SessionStore(config.sessions_expiration, backend.close_session)

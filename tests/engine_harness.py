@@ -13,6 +13,7 @@ import torch
 from llm_endpoint.backends.text import TextAssembler
 from llm_endpoint.backends.torch_engine import attention
 from llm_endpoint.backends.torch_engine.engine import TorchEngine
+from llm_endpoint.backends.torch_engine.prompt_lookup import DEFAULT_MAX_NGRAM, NgramProposer
 from llm_endpoint.backends.torch_engine.sequence import Sequence
 from llm_endpoint.backends.types import GenerationRequest, SamplingParams, TokenEvent
 
@@ -73,7 +74,9 @@ class EngineHarness:
 
         generator = torch.Generator().manual_seed(params.seed or 0) if params.do_sample else None
         assembler = TextAssembler(self.tokenizer, ids, params.stop_sequences, special_ids=self.engine.special_ids)
-        self.engine.submit(Sequence(request=request, deliver=deliver, assembler=assembler, generator=generator))
+        proposer = NgramProposer(DEFAULT_MAX_NGRAM) if params.prompt_lookup_num_tokens else None
+        self.engine.submit(Sequence(request=request, deliver=deliver, assembler=assembler, generator=generator,
+                                    proposer=proposer))
 
     def stop(self) -> None:
         assert self.engine is not None

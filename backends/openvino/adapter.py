@@ -85,6 +85,12 @@ class OpenVinoBackend(Backend):
         self._reader = threading.Thread(target=self._read, name="openvino-reader", daemon=True)
         self._reader.start()
 
+    def prompt_lookup_refusal(self, tokens: int) -> str | None:
+        if not self._config.prompt_lookup_num_tokens:
+            return None if tokens == 0 else (
+                "GenAI builds its pipeline for prompt lookup at start-up: set option.prompt_lookup_num_tokens")
+        return None if tokens else "with option.prompt_lookup_num_tokens set, GenAI drafts for every request"
+
     def stats(self) -> BackendStats:
         waiting = sum(1 for req in list(self._active.values()) if not req.started)
         return BackendStats(running=len(self._active) - waiting, waiting=waiting)
@@ -128,7 +134,8 @@ class OpenVinoBackend(Backend):
         # Like vLLM: generation ends with `length` at the context limit.
         max_new_tokens = min(request.params.max_new_tokens, self._max_model_len - prompt_len)
         try:
-            self._send(("add", req.key, list(request.prompt_token_ids), generation_settings(request, max_new_tokens)))
+            settings = generation_settings(request, max_new_tokens, self._config.prompt_lookup_max_ngram)
+            self._send(("add", req.key, list(request.prompt_token_ids), settings))
         except OSError:  # the engine process has just died; the reader is failing what was open
             self._active.pop(req.key, None)
             raise BackendError("the OpenVINO engine is not running") from None

@@ -29,9 +29,11 @@ _SCHEDULER_KEYS = (
 
 def create_pipeline(config: ServingConfig, path: Path) -> Any:
     """The ContinuousBatchingPipeline `config` asks for, on the model at `path` (see `model_path`)."""
-    properties = {}
+    properties: dict[str, Any] = {}
     if config.dtype in _PRECISION_HINTS:
         properties["INFERENCE_PRECISION_HINT"] = _PRECISION_HINTS[config.dtype]
+    if config.prompt_lookup_num_tokens:  # GenAI's own prompt lookup; then every request must draft
+        properties["prompt_lookup"] = True
     scheduler = scheduler_config(config)
     log.info("loading %s on OpenVINO %s, scheduler: %s", path, _DEVICE, scheduler.to_string().strip())
     return ov_genai.ContinuousBatchingPipeline(str(path), scheduler, _DEVICE, properties)
@@ -79,7 +81,7 @@ def _session_cache_gib() -> int:
     return max(1, physical // 8 // 2**30)
 
 
-def generation_settings(request: GenerationRequest, max_new_tokens: int) -> dict[str, Any]:
+def generation_settings(request: GenerationRequest, max_new_tokens: int, max_ngram: int) -> dict[str, Any]:
     """GenerationConfig fields for one request (plain values: they cross to the engine process)."""
     params = request.params
     settings: dict[str, Any] = {
@@ -90,6 +92,8 @@ def generation_settings(request: GenerationRequest, max_new_tokens: int) -> dict
         "logprobs": 1,
         "echo": params.prompt_logprobs,
     }
+    if params.prompt_lookup_num_tokens:
+        settings.update(num_assistant_tokens=params.prompt_lookup_num_tokens, max_ngram_size=max_ngram)
     if params.do_sample and params.temperature > 0:
         settings.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
         if params.top_k > 0:

@@ -39,7 +39,9 @@ from llm_endpoint.backends.torch_engine.block_cache import (
 )
 from llm_endpoint.backends.torch_engine.model_runner import ChunkResult, ModelRunner
 from llm_endpoint.backends.torch_engine.output import OutputStep, eos_token_ids
-from llm_endpoint.backends.torch_engine.sampling import RowFailure
+from llm_endpoint.backends.torch_engine.prompt_lookup import DEFAULT_MAX_NGRAM as DEFAULT_PROMPT_LOOKUP_MAX_NGRAM
+from llm_endpoint.backends.torch_engine.prompt_lookup import NgramProposer
+from llm_endpoint.backends.torch_engine.sampling import RowFailure, RowSample
 from llm_endpoint.backends.torch_engine.scheduler import Chunk, Scheduler
 from llm_endpoint.backends.torch_engine.sequence import Abort, Add, CloseSession, Command, Sequence, Status
 from llm_endpoint.backends.torch_engine.session_cache import SessionCache
@@ -234,8 +236,8 @@ class TorchEngine:
         if seq.status is not Status.RUNNING:
             return
         try:
-            seq.computed += chunk.count
-            seq.cache_len += chunk.count
+            seq.computed += chunk.fed
+            seq.cache_len += chunk.fed
             if result.prompt_logprobs is not None:
                 self.output.record_prompt_logprobs(seq, chunk.start, result.prompt_logprobs)
             if result.sample is None:
@@ -244,13 +246,28 @@ class TorchEngine:
                 log.warning("request %s failed: %s", seq.request.request_id, result.sample.reason)
                 self._fail(seq, BackendError(f"sampling failed: {result.sample.reason}"))
                 return
-            event = self.output.event(seq, result.sample)
-            if event.finished:
-                self.scheduler.remove(seq, keep=True)
-            seq.deliver(event)
+            self._emit(seq, chunk, result.sample)
         except Exception as exc:  # one request's failure stays with that request
             log.exception("request %s failed", seq.request.request_id)
             self._fail(seq, BackendError(f"token processing failed: {type(exc).__name__}: {exc}"))
+
+    def _emit(self, seq: Sequence, chunk: Chunk, samples: list[RowSample]) -> None:
+        """One event per drawn token, in order, until the request finishes. Of a verified draft, the tokens
+        accepted before the last one drawn were fed with it: their cache entries stand; the rest are cut."""
+        seq.drafted += len(chunk.draft)
+        for i, sample in enumerate(samples):
+            if i:  # an accepted draft token: its key/value were written by this step
+                seq.computed += 1
+                seq.cache_len += 1
+                seq.accepted += 1
+            event = self.output.event(seq, sample)
+            if event.finished:
+                self.scheduler.remove(seq, keep=True)
+                seq.deliver(event)
+                return
+            seq.deliver(event)
+        if chunk.draft:
+            self.allocator.truncate(seq.block_table, seq.cache_len)
 
     def _evict(self, seq: Sequence) -> None:
         """Make room in `seq`'s full sink cache (the scheduler's hook)."""
@@ -283,8 +300,10 @@ class TorchBackend(Backend):
         kv_cache_space: int | None = None,
         attention_sinks: tuple[int, int] | None = None,
         session_space: int | None = None,
+        prompt_lookup_max_ngram: int = DEFAULT_PROMPT_LOOKUP_MAX_NGRAM,
     ) -> None:
         self._model_loader = model_loader
+        self.prompt_lookup_max_ngram = prompt_lookup_max_ngram
         self.tokenizer = tokenizer
         # With attention sinks a prompt of any length fits: it is prefilled through the sink cache.
         self.max_prompt_len = None if attention_sinks else max_model_len
@@ -334,6 +353,9 @@ class TorchBackend(Backend):
         if self._engine is not None:
             self._engine.close_session(session_id)
 
+    def prompt_lookup_refusal(self, tokens: int) -> str | None:
+        return None  # any draft length, per request
+
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         engine = self._engine
         if engine is None:
@@ -357,6 +379,7 @@ class TorchBackend(Backend):
             assembler=TextAssembler(self.tokenizer, request.prompt_token_ids, params.stop_sequences,
                                     special_ids=engine.special_ids),
             generator=generator,
+            proposer=NgramProposer(self.prompt_lookup_max_ngram) if params.prompt_lookup_num_tokens else None,
         )
         engine.submit(seq)
         finished = False

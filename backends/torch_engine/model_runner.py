@@ -13,7 +13,7 @@ from llm_endpoint.backends.torch_engine import llama
 from llm_endpoint.backends.torch_engine.block_cache import AttentionShape, PagedKVCache
 from llm_endpoint.backends.torch_engine.forward_batch import ForwardBatch, Span
 from llm_endpoint.backends.torch_engine.linear import PackedLinear
-from llm_endpoint.backends.torch_engine.sampling import RowFailure, RowSample, sample_rows
+from llm_endpoint.backends.torch_engine.sampling import RowFailure, RowSample, sample_rows, verify_drafts
 from llm_endpoint.backends.torch_engine.scheduler import Chunk
 from llm_endpoint.backends.torch_engine.transformers_forward import TransformersForward
 
@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class ChunkResult:
     chunk: Chunk
-    sample: RowSample | RowFailure | None = None  # None: the chunk did not reach the sequence's end
+    # the token(s) drawn, in order (several when draft tokens were verified); None: the chunk did not reach
+    # the sequence's end
+    sample: list[RowSample] | RowFailure | None = None
     prompt_logprobs: list[float] | None = None  # for prompt tokens chunk.start+1 ..., when asked
 
 
@@ -56,22 +58,25 @@ class ModelRunner:
         return self._forward.rotary
 
     def execute(self, chunks: list[Chunk]) -> list[ChunkResult]:
-        """Chunks with single tokens must come first (the scheduler's order); results follow the order the
-        model saw them in (single tokens by ascending length, for `ForwardBatch`'s decode groups)."""
-        decoding = next((i for i, c in enumerate(chunks) if c.count != 1), len(chunks))
-        chunks = sorted(chunks[:decoding], key=lambda c: c.seq.cache_len) + chunks[decoding:]
+        """Results follow the order the model saw the chunks in: single tokens first, by ascending length (for
+        `ForwardBatch`'s decode groups), then the multi-token ones (prefill, drafts to verify)."""
+        singles = sorted((c for c in chunks if c.count == 1), key=lambda c: c.seq.cache_len)
+        chunks = singles + [c for c in chunks if c.count != 1]
         spans: list[Span] = []
         offset = 0
         for chunk in chunks:
             spans.append(Span(offset, chunk.count, chunk.seq.cache_len, chunk.seq.block_table))
             offset += chunk.count
-        tokens = [c.seq.tokens[c.start : c.start + c.count] for c in chunks]
+        tokens = [c.seq.tokens[c.start : c.start + c.fed] + list(c.draft) for c in chunks]
         batch = ForwardBatch.build(spans, tokens, block_size=self.cache.block_size, group=self._group,
                                    dtype=self._dtype, device=self._device)
         hidden = self._forward(batch, self.cache)
         results = [ChunkResult(c) for c in chunks]
         self._prompt_logprobs(results, spans, hidden)
-        sampling = [(r, s) for r, s in zip(results, spans) if r.chunk.samples]
+        sampling = [(r, s) for r, s in zip(results, spans) if r.chunk.samples and not r.chunk.draft]
+        for result, span in zip(results, spans):
+            if result.chunk.draft:
+                self._verify(result, span, hidden)
         if sampling:
             rows = torch.tensor([s.offset + s.count - 1 for _, s in sampling], device=self._device)
             seqs = [r.chunk.seq for r, _ in sampling]
@@ -79,8 +84,16 @@ class ModelRunner:
             histories = [s.history() if p.repetition_penalty != 1.0 else None for s, p in zip(seqs, params)]
             samples = sample_rows(self._logits(hidden[rows]), params, histories, [s.generator for s in seqs])
             for (result, _), sample in zip(sampling, samples):
-                result.sample = sample
+                result.sample = sample if isinstance(sample, RowFailure) else [sample]
         return results
+
+    def _verify(self, result: ChunkResult, span: Span, hidden: torch.Tensor) -> None:
+        chunk, seq = result.chunk, result.chunk.seq
+        params = seq.request.params
+        first = span.offset + chunk.fed - 1  # the prediction after the sequence's last token, then each draft's
+        logits = self._logits(hidden[first : span.offset + span.count])
+        history = seq.history() if params.repetition_penalty != 1.0 else None
+        result.sample = verify_drafts(logits, chunk.draft, params, history, seq.generator)
 
     def _prompt_logprobs(self, results: list[ChunkResult], spans: list[Span], hidden: torch.Tensor) -> None:
         for result, span in zip(results, spans):

@@ -52,6 +52,7 @@ class OutputStep:
         if finish is not None:
             event.prompt_tokens = seq.num_prompt
             event.cached_tokens = seq.cached_prompt
+            event.draft_tokens, event.accepted_draft_tokens = seq.drafted, seq.accepted
         return event
 
     def _token(self, token_id: int, log_prob: float | None) -> Token:

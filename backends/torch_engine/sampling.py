@@ -36,7 +36,8 @@ def apply_repetition_penalty(scores: torch.Tensor, history: torch.Tensor, penalt
     scores.scatter_(0, history, seen)
 
 
-def _warp_and_draw(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+def _warped_probs(scores: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a sampled row draws from: temperature, then top-k, then top-p."""
     if params.temperature != 1.0:
         scores = scores / params.temperature
     if params.top_k > 0 and params.top_k < scores.numel():
@@ -51,6 +52,10 @@ def _warp_and_draw(scores: torch.Tensor, params: SamplingParams, generator: torc
     probs = scores.softmax(-1)
     if not bool(torch.isfinite(probs).all()):
         raise FloatingPointError("the sampling parameters made the token probabilities non-finite")
+    return probs
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
@@ -93,9 +98,62 @@ def sample_rows(
     return [failed[i] if i in failed else RowSample(chosen[i], chosen_logprobs[i], tops[i]) for i in range(len(params))]
 
 
+def _penalized(scores: torch.Tensor, params: SamplingParams, history: torch.Tensor | None) -> torch.Tensor:
+    if params.repetition_penalty != 1.0 and history is not None and history.numel():
+        apply_repetition_penalty(scores, history, params.repetition_penalty)
+    return scores
+
+
 def _choose(
     scores: torch.Tensor, params: SamplingParams, history: torch.Tensor | None, generator: torch.Generator | None
 ) -> int:
-    if params.repetition_penalty != 1.0 and history is not None and history.numel():
-        apply_repetition_penalty(scores, history, params.repetition_penalty)
-    return int(scores.argmax().item()) if params.greedy else _warp_and_draw(scores, params, generator)
+    scores = _penalized(scores, params, history)
+    return int(scores.argmax().item()) if params.greedy else _draw(_warped_probs(scores, params), generator)
+
+
+def verify_drafts(
+    logits: torch.Tensor, draft: tuple[int, ...], params: SamplingParams, history: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> list[RowSample] | RowFailure:
+    """The tokens one verification pass yields: `logits` [len(draft)+1, vocab] fp32 are the model's
+    predictions after the sequence's last token and after each draft token; `history` the sequence's ids.
+
+    Greedy keeps the longest prefix of the draft that the model's own choices reproduce, plus the model's
+    token where they part (or after the last draft). Sampling keeps the output distribution exactly
+    (speculative sampling with a deterministic draft): draft token d is accepted with probability p(d) under
+    the row's warped distribution p; on rejection the token is drawn from p without d, renormalized, and
+    the pass ends. The repetition penalty sees each accepted token before the next position, as it would
+    one step at a time. Log-probs are the raw model's at each position."""
+    if not bool(torch.isfinite(logits.sum(dim=-1)).all()):
+        return RowFailure("the model produced non-finite logits for this request")
+    raw_logprobs = torch.log_softmax(logits, dim=-1)
+    out: list[RowSample] = []
+    try:
+        for i in range(len(draft) + 1):
+            seen = history
+            if params.repetition_penalty != 1.0 and i:
+                accepted = torch.tensor(draft[:i], dtype=torch.long)
+                seen = accepted if history is None else torch.cat((history, accepted))
+            scores = _penalized(logits[i].clone(), params, seen)
+            proposed = draft[i] if i < len(draft) else None
+            if params.greedy:
+                choice = int(scores.argmax().item())
+            else:
+                probs = _warped_probs(scores, params)
+                if proposed is not None and float(torch.rand(1, generator=generator)) < float(probs[proposed]):
+                    choice = proposed
+                else:
+                    if proposed is not None:
+                        probs[proposed] = 0.0
+                        probs = probs / probs.sum()
+                    choice = _draw(probs, generator)
+            top: list[tuple[int, float]] = []
+            if params.top_n_tokens:
+                values, indices = torch.topk(raw_logprobs[i], params.top_n_tokens)
+                top = list(zip(indices.tolist(), values.tolist()))
+            out.append(RowSample(choice, float(raw_logprobs[i, choice]), top))
+            if choice != proposed:
+                break
+    except (FloatingPointError, RuntimeError) as exc:
+        return RowFailure(str(exc))
+    return out

@@ -25,16 +25,23 @@ from llm_endpoint.backends.torch_engine.session_cache import SessionCache
 
 @dataclass(frozen=True)
 class Chunk:
-    """Feed `seq.tokens[start:start+count]` this step, at cache positions from `seq.cache_len`."""
+    """Feed `seq.tokens[start:start+count]` this step, then `draft` (prompt lookup's guesses at the tokens
+    that follow), at cache positions from `seq.cache_len`; `count` includes the draft."""
 
     seq: Sequence
     start: int
     count: int
+    draft: tuple[int, ...] = ()
+
+    @property
+    def fed(self) -> int:
+        """Tokens of the sequence itself in the chunk."""
+        return self.count - len(self.draft)
 
     @property
     def samples(self) -> bool:
-        """Whether the chunk reaches the sequence's last token, so the step draws its next one."""
-        return self.start + self.count == len(self.seq.tokens)
+        """Whether the chunk reaches the sequence's last token, so the step draws its next one(s)."""
+        return self.start + self.fed == len(self.seq.tokens)
 
 
 class Scheduler:
@@ -131,9 +138,26 @@ class Scheduler:
                 if victim is seq:
                     break
             if seq.status is Status.RUNNING:
-                self.allocator.grow(seq.block_table, seq.cache_len + 1)
-                chunks.append(Chunk(seq, seq.computed, 1))
+                draft = self._draft(seq)
+                self.allocator.grow(seq.block_table, seq.cache_len + 1 + len(draft))
+                chunks.append(Chunk(seq, seq.computed, 1 + len(draft), draft))
         return chunks
+
+    def _draft(self, seq: Sequence) -> tuple[int, ...]:
+        """Prompt lookup's draft for a decoding sequence: never more than the tokens it may still generate
+        (the verified pass adds one of its own), than its sink cache holds, or than free blocks allow."""
+        if seq.proposer is None:
+            return ()
+        params = seq.request.params
+        limit = min(params.prompt_lookup_num_tokens, params.max_new_tokens - seq.num_output - 1)
+        if self.cache_limit is not None:
+            limit = min(limit, self.cache_limit - seq.cache_len - 1)
+        if limit <= 0:
+            return ()
+        draft = seq.proposer.propose(seq.tokens, limit)
+        while draft and self.allocator.missing(seq.block_table, seq.cache_len + 1 + len(draft)) > self.allocator.free_blocks:
+            draft = draft[:-1]
+        return tuple(draft)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llm_endpoint.backends.text import TextAssembler
+from llm_endpoint.backends.torch_engine.prompt_lookup import NgramProposer
 from llm_endpoint.backends.types import GenerationRequest, Token, TokenEvent
 
 Deliver = Callable[[TokenEvent | BaseException], None]
@@ -41,6 +42,9 @@ class Sequence:
     prefill_logprobs: list[Token] | None = None  # LMI `decoder_input_details`, filled during prefill
     cancelled: bool = False
     cached_prompt: int = 0  # prompt tokens taken from the session's cache instead of computed
+    proposer: NgramProposer | None = None  # prompt lookup's drafts, when the request asked for them
+    drafted: int = 0
+    accepted: int = 0
 
     def __post_init__(self) -> None:
         if not self.tokens:

@@ -1,0 +1,224 @@
+"""Prompt lookup decoding: the n-gram proposer, the verification rule (greedy and the sampling rule that keeps
+the distribution), our engine's output unchanged by drafts inside continuous batching, and every backend
+over HTTP with the per-request parameter and the refusals."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import torch
+from scipy.stats import chi2_contingency, chisquare
+
+from llm_endpoint.backends.torch_engine.prompt_lookup import NgramProposer
+from llm_endpoint.backends.torch_engine.sampling import RowFailure, verify_drafts
+from llm_endpoint.backends.types import FinishReason, SamplingParams
+from tests.conftest import ServerPool
+from tests.engine_harness import EngineHarness, Stream
+
+PASSAGE = ("The lighthouse keeper counted the ships that passed in the night, and wrote each name in a "
+           "leather book with a brass lock. When the storm came, the book was all that remained.")
+GROUNDED = f"Repeat this passage word for word.\n\n{PASSAGE}\n\nRepeated:\n\n{PASSAGE[:40]}"
+OPEN_ENDED = "Write a short poem about the sea."
+
+
+# ---- the proposer ------------------------------------------------------------------------------------
+
+
+def _naive(tokens: list[int], k: int, max_ngram: int) -> list[int]:
+    """The definition, by rescanning: the latest earlier occurrence of the longest matching suffix."""
+    for n in range(min(max_ngram, len(tokens) - 1), 0, -1):
+        suffix = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start : start + n] == suffix:
+                return tokens[start + n : start + n + k]
+    return []
+
+
+def test_the_proposer_follows_the_latest_longest_match_as_a_rescan_would() -> None:
+    rng = random.Random(0)
+    for _ in range(50):
+        proposer = NgramProposer(3)
+        tokens = [rng.randrange(6) for _ in range(5)]
+        for _ in range(60):  # grows token by token, as a sequence does
+            assert proposer.propose(tokens, 4) == _naive(tokens, 4, 3)
+            tokens.append(rng.randrange(6))
+    assert NgramProposer(3).propose([1, 2, 3], 4) == []
+    assert NgramProposer(3).propose([7, 8, 9, 7, 8], 2) == [9, 7]
+
+
+# ---- verification ------------------------------------------------------------------------------------
+
+
+def _logits(rows: int, vocab: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def test_greedy_verification_keeps_the_longest_agreeing_prefix_plus_the_models_token() -> None:
+    logits = _logits(4)
+    best = logits.argmax(-1).tolist()
+    raw = torch.log_softmax(logits, -1)
+    greedy = SamplingParams()
+    wrong = (best[2] + 1) % 12
+    out = verify_drafts(logits, (best[0], best[1], wrong), greedy, None, None)
+    assert not isinstance(out, RowFailure)
+    assert [s.token_id for s in out] == best[:3]  # two drafts kept, then the model's own third token
+    assert [s.log_prob for s in out] == pytest.approx([raw[i, best[i]].item() for i in range(3)])
+    out = verify_drafts(logits[:4], tuple(best[:3]), greedy, None, None)
+    assert [s.token_id for s in out] == best  # all kept, plus one more
+    out = verify_drafts(logits[:2], ((best[0] + 1) % 12,), greedy, None, None)
+    assert [s.token_id for s in out] == best[:1]
+    assert isinstance(verify_drafts(torch.full((2, 12), float("nan")), (1,), greedy, None, None), RowFailure)
+
+
+def test_sampled_verification_draws_from_the_models_distribution() -> None:
+    """Whatever the draft, the first token verification yields is distributed as the warped target."""
+    logits = _logits(2, vocab=6, seed=3)
+    params = SamplingParams(do_sample=True, temperature=0.8, top_k=5)
+    generator = torch.Generator().manual_seed(7)
+    target = torch.softmax(logits[0] / 0.8, -1)
+    target[target < torch.topk(target, 5).values[-1]] = 0
+    target /= target.sum()
+    for draft in ((int(target.argmax()),), (int(target.argmin()),)):  # a likely and an impossible draft
+        counts = Counter()
+        trials = 6000
+        for _ in range(trials):
+            out = verify_drafts(logits, draft, params, None, generator)
+            assert not isinstance(out, RowFailure)
+            counts[out[0].token_id] += 1
+        support = [i for i in range(6) if target[i] > 0]
+        observed = [counts[i] for i in support]
+        assert sum(observed) == trials  # nothing outside top-k
+        expected = target.double()[support]
+        expected = (expected / expected.sum() * trials).tolist()
+        assert chisquare(observed, expected).pvalue > 1e-3
+
+
+# ---- our engine ----------------------------------------------------------------------------------------
+
+
+def _batch(harness: EngineHarness, prompt_lookup: int, **params: Any) -> list[Stream]:
+    streams = [
+        Stream(GROUNDED, 60, {"prompt_lookup_num_tokens": prompt_lookup, **params}),
+        Stream(OPEN_ENDED, 40, {"prompt_lookup_num_tokens": prompt_lookup, **params}),
+        Stream(GROUNDED, 25, {"prompt_lookup_num_tokens": prompt_lookup, "stop_sequences": ("brass",), **params}),
+        Stream(PASSAGE, 200, {"prompt_lookup_num_tokens": prompt_lookup, **params}),  # runs to EOS
+    ]
+    for stream in streams:
+        harness.submit(stream)
+    for stream in streams:
+        assert stream.done.wait(600)
+        assert stream.error is None, stream.error
+    return streams
+
+
+def test_drafts_leave_greedy_output_unchanged_inside_continuous_batching(model_dir: Path, tokenizer: Any) -> None:
+    harness = EngineHarness(model_dir, tokenizer)
+    try:
+        plain = _batch(harness, 0)
+        drafted = _batch(harness, 5)
+        assert harness.engine is not None and harness.engine.allocator.used_blocks == 0
+    finally:
+        harness.stop()
+    for a, b in zip(plain, drafted):
+        assert b.token_ids == a.token_ids, b.prompt
+        assert [e.token.text for e in b.events] == [e.token.text for e in a.events]
+        assert [e.token.log_prob for e in b.events] == pytest.approx([e.token.log_prob for e in a.events], abs=1e-4)
+        assert b.events[-1].finish_reason is a.events[-1].finish_reason
+    # the batch ends in each way a request can: max_new_tokens, a stop sequence, EOS
+    assert {s.events[-1].finish_reason for s in plain} == {
+        FinishReason.LENGTH, FinishReason.STOP_SEQUENCE, FinishReason.EOS_TOKEN}, [s.events[-1] for s in plain]
+    grounded = drafted[0].events[-1]
+    assert grounded.draft_tokens > 0 and grounded.accepted_draft_tokens > grounded.draft_tokens / 2
+    assert plain[0].events[-1].draft_tokens == 0
+
+
+def test_sampled_output_keeps_its_distribution_with_drafts(model_dir: Path, tokenizer: Any) -> None:
+    """The third token of a sampled continuation of repetitive text (drafted from the second on), over many
+    seeds, with and without prompt lookup: one distribution (a chi-square test at a loose threshold)."""
+    prompt = "one two three four one two three four one two three four one two"
+    harness = EngineHarness(model_dir, tokenizer, max_running=32)
+    counts: dict[int, Counter] = {}
+    try:
+        for k in (0, 4):
+            streams = [Stream(prompt, 3, {"do_sample": True, "temperature": 1.0, "seed": seed,
+                                          "prompt_lookup_num_tokens": k}) for seed in range(300)]
+            for stream in streams:
+                harness.submit(stream)
+            for stream in streams:
+                assert stream.done.wait(600) and stream.error is None
+            counts[k] = Counter(s.token_ids[2] for s in streams if len(s.token_ids) == 3)
+            drafted = sum(s.events[-1].draft_tokens for s in streams)
+            assert (drafted > 0) == (k > 0)
+    finally:
+        harness.stop()
+    common = [t for t, _ in (counts[0] + counts[4]).most_common(6)]
+    table = [[counts[k][t] for t in common] + [sum(counts[k].values()) - sum(counts[k][t] for t in common)]
+             for k in (0, 4)]
+    table = [list(col) for col in zip(*[c for c in zip(*table) if sum(c) > 0])]
+    assert chi2_contingency(table).pvalue > 1e-3, table
+
+
+# ---- every backend over HTTP ---------------------------------------------------------------------------
+
+
+def _generate(url: str, prompt: str, max_new_tokens: int, **parameters: Any) -> requests.Response:
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, "details": True, **parameters}}
+    return requests.post(url + "/invocations", json=body, timeout=600)
+
+
+def _outputs(url: str) -> list[dict[str, Any]]:
+    cases = [(GROUNDED, 48), (OPEN_ENDED, 32), (PASSAGE, 40)]
+    with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
+        responses = list(pool.map(lambda c: _generate(url, *c), cases))
+    for res in responses:
+        assert res.status_code == 200, res.text
+    return [res.json() for res in responses]
+
+
+def _draft_metric(url: str, result: str) -> float:
+    for line in requests.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(f'llm_draft_tokens_total{{result="{result}"}}'):
+            return float(line.split()[-1])
+    raise AssertionError("no llm_draft_tokens_total")
+
+
+# vLLM and OpenVINO compare with themselves: their log-probs in fp32, drafts or not, within their own
+# tolerance against transformers (2e-3), here both sides of it.
+TOLERANCE = {"scheduler": 1e-4}
+
+
+def test_prompt_lookup_leaves_every_backends_output_unchanged(servers: ServerPool, backend: str) -> None:
+    plain = _outputs(servers.get(backend).url)
+    drafted = _outputs(servers.get(backend, prompt_lookup_num_tokens="4").url)
+    for a, b in zip(plain, drafted):
+        assert b["generated_text"] == a["generated_text"]
+        ours, theirs = b["details"]["tokens"], a["details"]["tokens"]
+        assert [t["id"] for t in ours] == [t["id"] for t in theirs]
+        assert [t["log_prob"] for t in ours] == pytest.approx([t["log_prob"] for t in theirs],
+                                                             abs=TOLERANCE.get(backend, 4e-3))
+        assert b["details"]["finish_reason"] == a["details"]["finish_reason"]
+
+
+def test_the_per_request_parameter_and_its_refusals(servers: ServerPool, backend: str) -> None:
+    url = servers.get(backend, prompt_lookup_num_tokens="4").url
+    res = _generate(url, GROUNDED, 4, prompt_lookup_num_tokens=-1)
+    assert res.status_code == 424 and "prompt_lookup_num_tokens" in res.json()["error"]
+    if backend == "scheduler":
+        before = _draft_metric(url, "accepted")
+        for k in (0, 8):
+            assert _generate(url, GROUNDED, 24, prompt_lookup_num_tokens=k).status_code == 200
+        assert _draft_metric(url, "accepted") > before
+        assert _draft_metric(url, "proposed") >= _draft_metric(url, "accepted")
+        return
+    # vLLM drafts its start-up number for every request; OpenVINO cannot turn it off per request
+    refused = 5 if backend == "vllm" else 0
+    res = _generate(url, GROUNDED, 4, prompt_lookup_num_tokens=refused)
+    assert res.status_code == 424, res.text
+    assert f"'parameters.prompt_lookup_num_tokens'={refused} is not supported by the {backend} backend" in res.json()["error"]
+    assert _generate(url, GROUNDED, 4, prompt_lookup_num_tokens=4).status_code == 200
