@@ -68,11 +68,17 @@ SINK_ENGINES = (RollingBatch.SCHEDULER, RollingBatch.DISABLE)
 
 def create_backend(config: ServingConfig, files: ModelFiles, tokenizer: Any, max_model_len: int) -> Backend:
     choice = resolve_rolling_batch(config, files)
-    if config.attention_sinks_enabled and choice not in SINK_ENGINES:
-        raise BackendUnavailable(
-            f"option.attention_sinks/attention_window: supported by the {' and '.join(e.value for e in SINK_ENGINES)} "
-            f"backends (our engine) only, not {choice.value}; set option.rolling_batch=scheduler or remove the option"
-        )
+    if config.attention_sinks_enabled:
+        if choice not in SINK_ENGINES:
+            raise BackendUnavailable(
+                f"option.attention_sinks/attention_window: supported by the {' and '.join(e.value for e in SINK_ENGINES)} "
+                f"backends (our engine) only, not {choice.value}; set option.rolling_batch=scheduler or remove the option"
+            )
+        if config.sink_tokens + config.window_tokens > max_model_len:
+            raise BackendUnavailable(
+                f"option.attention_sinks + option.attention_window = {config.sink_tokens + config.window_tokens} "
+                f"exceeds the model's {max_model_len} positions: lower option.attention_window"
+            )
     if choice in _NOT_BUILT:
         raise BackendUnavailable(
             f"option.rolling_batch={choice.value}: the {_NOT_BUILT[choice]} backend is not available in "

@@ -111,7 +111,8 @@ def test_sinks_equal_dense_attention_until_the_cache_is_full(model_dir: Path, to
     for label, sinks in (("dense", None), ("sinks", (4, 508))):
         harness = EngineHarness(model_dir, tokenizer, attention_sinks=sinks)
         try:
-            streams[label] = [Stream(PROMPTS[0], 40), Stream(PROMPTS[2], 25)]
+            top = {"top_n_tokens": 5}  # the head of each distribution, not only the chosen token
+            streams[label] = [Stream(PROMPTS[0], 40, top), Stream(PROMPTS[2], 25, top)]
             _run(harness, streams[label])
         finally:
             harness.stop()
@@ -119,6 +120,8 @@ def test_sinks_equal_dense_attention_until_the_cache_is_full(model_dir: Path, to
         assert sunk.token_ids == dense.token_ids
         for a, b in zip(dense.events, sunk.events):
             assert a.token.log_prob == pytest.approx(b.token.log_prob, abs=1e-4)
+            assert [t.id for t in a.top_tokens] == [t.id for t in b.top_tokens]
+            assert [t.log_prob for t in a.top_tokens] == pytest.approx([t.log_prob for t in b.top_tokens], abs=1e-4)
 
 
 class StreamingReference:

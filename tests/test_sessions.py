@@ -255,3 +255,9 @@ def test_attention_sinks_on_another_engine_stop_start_up_naming_the_supported_on
     config = make_config(model_id="unused", rolling_batch=engine, attention_sinks=4)
     with pytest.raises(BackendUnavailable, match="supported by the scheduler and disable backends"):
         create_backend(config, None, None, 2048)  # type: ignore[arg-type]  # refused before files are read
+
+
+def test_a_sink_cache_larger_than_the_model_stops_start_up() -> None:
+    config = make_config(model_id="unused", rolling_batch="scheduler", attention_window=4000)
+    with pytest.raises(BackendUnavailable, match="4004 exceeds the model's 2048 positions"):
+        create_backend(config, None, None, 2048)  # type: ignore[arg-type]
