@@ -107,6 +107,9 @@ class VllmBackend(Backend):
                     events[-1].finish_reason = _finish_reason(completion.finish_reason, completion.stop_reason)
                     events[-1].prompt_tokens = len(request.prompt_token_ids)
                     events[-1].cached_tokens = cached
+                    if (spec := getattr(completion, "spec_decode_metrics", None)) is not None:
+                        events[-1].draft_tokens = spec.num_draft_tokens
+                        events[-1].accepted_draft_tokens = sum(j * n for j, n in enumerate(spec.histogram))
                 for event in events:
                     if not started:
                         started = True
@@ -243,6 +246,7 @@ def engine_args(config: ServingConfig, files: ModelFiles, max_model_len: int) ->
             "method": "ngram", "num_speculative_tokens": config.prompt_lookup_num_tokens,
             "prompt_lookup_max": config.prompt_lookup_max_ngram, "prompt_lookup_min": 1,
         }
+        kwargs["per_request_spec_decode_metrics"] = "summary"  # drafts and acceptances on the last output
     kwargs.update(parse_engine_options(config.engine_options))
     # LMI's log_prob is the model's own distribution, before temperature/penalties/top-k/top-p.
     kwargs["logprobs_mode"] = "raw_logprobs"

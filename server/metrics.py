@@ -55,7 +55,7 @@ class Metrics:
         )
         self.generated_tokens = Counter("llm_generation_tokens", "Tokens generated", registry=r)
         self.draft_tokens = Counter(
-            "llm_draft_tokens", "Prompt-lookup draft tokens proposed, and accepted by verification (ours)",
+            "llm_draft_tokens", "Prompt-lookup draft tokens proposed, and accepted by verification (ours and vLLM)",
             ["result"], registry=r,
         )
 

@@ -128,18 +128,21 @@ def verify_drafts(
         return RowFailure("the model produced non-finite logits for this request")
     raw_logprobs = torch.log_softmax(logits, dim=-1)
     out: list[RowSample] = []
+    plain_greedy = params.greedy and params.repetition_penalty == 1.0
+    best = logits.argmax(dim=-1).tolist() if plain_greedy else []  # every position's choice at once
     try:
         for i in range(len(draft) + 1):
             seen = history
             if params.repetition_penalty != 1.0 and i:
                 accepted = torch.tensor(draft[:i], dtype=torch.long)
                 seen = accepted if history is None else torch.cat((history, accepted))
-            scores = _penalized(logits[i].clone(), params, seen)
             proposed = draft[i] if i < len(draft) else None
-            if params.greedy:
-                choice = int(scores.argmax().item())
+            if plain_greedy:
+                choice = best[i]
+            elif params.greedy:
+                choice = int(_penalized(logits[i].clone(), params, seen).argmax().item())
             else:
-                probs = _warped_probs(scores, params)
+                probs = _warped_probs(_penalized(logits[i].clone(), params, seen), params)
                 if proposed is not None and float(torch.rand(1, generator=generator)) < float(probs[proposed]):
                     choice = proposed
                 else:
