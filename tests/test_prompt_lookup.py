@@ -223,3 +223,29 @@ def test_the_per_request_parameter_and_its_refusals(servers: ServerPool, backend
     assert res.status_code == 424, res.text
     assert f"'parameters.prompt_lookup_num_tokens'={refused} is not supported by the {backend} backend" in res.json()["error"]
     assert _generate(url, GROUNDED, 4, prompt_lookup_num_tokens=4).status_code == 200
+
+
+def test_beside_other_rows_a_sequence_whose_drafts_fail_drafts_only_now_and_then() -> None:
+    from llm_endpoint.backends.torch_engine.block_cache import BlockAllocator
+    from llm_endpoint.backends.torch_engine.scheduler import DRAFT_PROBE_EVERY, DRAFT_TRIAL_TOKENS, Scheduler
+    from llm_endpoint.backends.torch_engine.sequence import Sequence
+    from llm_endpoint.backends.types import GenerationRequest
+
+    scheduler = Scheduler(BlockAllocator(64, 4), max_running=4, prefill_tokens=64)
+    tokens = [1, 2, 3, 1, 2, 3, 1, 2]  # always a match: drafts [3, 1, 2, ...]
+    seqs = []
+    for name in ("a", "b"):
+        request = GenerationRequest(name, tuple(tokens), SamplingParams(max_new_tokens=100, prompt_lookup_num_tokens=3))
+        seq = Sequence(request=request, deliver=lambda e: None, assembler=None, generator=None,  # type: ignore[arg-type]
+                       proposer=NgramProposer(3))
+        seq.computed = seq.cache_len = len(tokens) - 1
+        scheduler.running.append(seq)
+        seqs.append(seq)
+    failing, good = seqs
+    failing.drafted, failing.accepted = DRAFT_TRIAL_TOKENS, 0
+    good.drafted, good.accepted = DRAFT_TRIAL_TOKENS, DRAFT_TRIAL_TOKENS
+    drafts = [len(scheduler._draft(failing)) for _ in range(2 * DRAFT_PROBE_EVERY)]
+    assert drafts.count(0) == 2 * DRAFT_PROBE_EVERY - 2 and max(drafts) == 3
+    assert all(len(scheduler._draft(good)) == 3 for _ in range(4))
+    scheduler.running.remove(good)  # alone, it drafts every step
+    assert all(len(scheduler._draft(failing)) == 3 for _ in range(4))

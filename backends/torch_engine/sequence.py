@@ -45,6 +45,7 @@ class Sequence:
     proposer: NgramProposer | None = None  # prompt lookup's drafts, when the request asked for them
     drafted: int = 0
     accepted: int = 0
+    draft_skips: int = 0  # steps the scheduler held its draft back (too few accepted beside other rows)
 
     def __post_init__(self) -> None:
         if not self.tokens:
