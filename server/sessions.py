@@ -26,7 +26,6 @@ NEW_SESSION_HEADER = "X-Amzn-SageMaker-New-Session-Id"
 CLOSED_SESSION_HEADER = "X-Amzn-SageMaker-Closed-Session-Id"
 NEW_SESSION = "NEW_SESSION"
 CLOSE = "CLOSE"
-REQUEST_TYPES = (NEW_SESSION, CLOSE)
 _REMEMBERED_ENDED = 10_000  # ended ids kept to tell "closed"/"expired" apart from "unknown"
 
 

@@ -44,7 +44,6 @@ class SessionCache:
         self.sinks = sinks
         self._idle: OrderedDict[str, Retained] = OrderedDict()  # least recently used first
         self.held_blocks = 0
-        self.dropped = 0  # caches given up for memory (their sessions recompute)
 
     def resume(self, seq: Sequence) -> int:
         """Hand `seq` its session's cache, cut back to what its tokens share with it; returns the tokens
@@ -91,11 +90,5 @@ class SessionCache:
             self._drop_oldest()
         return self.allocator.free_blocks >= free_wanted
 
-    @property
-    def sessions(self) -> int:
-        return len(self._idle)
-
     def _drop_oldest(self) -> None:
-        session = next(iter(self._idle))
-        self.close(session)
-        self.dropped += 1
+        self.close(next(iter(self._idle)))
