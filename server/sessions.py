@@ -97,7 +97,7 @@ class SessionStore:
         return len(self._open)
 
     def create(self) -> Session:
-        self.sweep()
+        self.sweep()  # here and periodically (the app's sweeper), not on every turn
         session = Session(str(uuid.uuid4()), self._clock() + self.expiration)
         self._open[session.id] = session
         log.info("session %s created", session.id)
@@ -105,8 +105,10 @@ class SessionStore:
 
     def get(self, raw_id: str) -> Session:
         """The open session `raw_id` names; its idle timer restarts."""
-        self.sweep()
         session = self._open.get(raw_id)
+        if session is not None and self._idle_past_expiry(session):
+            self._end(session, "expired")
+            session = None
         if session is None:
             raise SessionError(self._missing(raw_id))
         session.expires = self._clock() + self.expiration
@@ -129,9 +131,11 @@ class SessionStore:
 
     def sweep(self) -> None:
         """End every session idle past its expiry (a turn in progress keeps its session alive)."""
-        now = self._clock()
-        for session in [s for s in self._open.values() if s.expires < now and not s.lock.locked()]:
+        for session in [s for s in self._open.values() if self._idle_past_expiry(s)]:
             self._end(session, "expired")
+
+    def _idle_past_expiry(self, session: Session) -> bool:
+        return session.expires < self._clock() and not session.lock.locked()
 
     def header_value(self, session: Session) -> str:
         return f"{session.id}; Expires={_utc(session.expires)}"

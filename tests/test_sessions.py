@@ -261,3 +261,25 @@ def test_a_sink_cache_larger_than_the_model_stops_start_up() -> None:
     config = make_config(model_id="unused", rolling_batch="scheduler", attention_window=4000)
     with pytest.raises(BackendUnavailable, match="4004 exceeds the model's 2048 positions"):
         create_backend(config, None, None, 2048)  # type: ignore[arg-type]
+
+
+def test_the_session_store_expires_idle_sessions_and_names_what_happened_to_an_id() -> None:
+    from llm_endpoint.server.sessions import SessionError, SessionStore
+
+    now = [1000.0]
+    ended: list[str] = []
+    store = SessionStore(60, ended.append, clock=lambda: now[0])
+    a, b = store.create(), store.create()
+    assert store.header_value(a) == f"{a.id}; Expires=1970-01-01T00:17:40Z"
+    now[0] += 50
+    assert store.get(a.id) is a  # a turn restarts a's idle timer, not b's
+    now[0] += 20
+    with pytest.raises(SessionError, match="has expired"):
+        store.get(b.id)
+    assert store.get(a.id) is a
+    store.close(a.id)
+    assert ended == [b.id, a.id] and store.open_sessions == 0
+    for raw, words in ((a.id, "is closed"), ("123e4567-e89b-12d3-a456-426614174000", "not known"),
+                       ("../x", "invalid X-Amzn-SageMaker-Session-Id")):
+        with pytest.raises(SessionError, match=words):
+            store.get(raw)
