@@ -74,11 +74,12 @@ def create_backend(config: ServingConfig, files: ModelFiles, tokenizer: Any, max
                 f"option.attention_sinks/attention_window: supported by the {' and '.join(e.value for e in SINK_ENGINES)} "
                 f"backends (our engine) only, not {choice.value}; set option.rolling_batch=scheduler or remove the option"
             )
-        if config.sink_tokens + config.window_tokens > max_model_len:
-            raise BackendUnavailable(
-                f"option.attention_sinks + option.attention_window = {config.sink_tokens + config.window_tokens} "
-                f"exceeds the model's {max_model_len} positions: lower option.attention_window"
-            )
+        from llm_endpoint.backends.torch_engine.sinks import check_fits
+
+        try:
+            check_fits(config.sink_tokens, config.window_tokens, max_model_len)
+        except ValueError as exc:
+            raise BackendUnavailable(str(exc)) from None
     if choice in _NOT_BUILT:
         raise BackendUnavailable(
             f"option.rolling_batch={choice.value}: the {_NOT_BUILT[choice]} backend is not available in "

@@ -92,7 +92,7 @@ class Generation:
         self._metrics = metrics
         self._release = release  # gives the batch slot back; idempotent
         self._on_end = on_end
-        self._text: list[str] = []
+        self._text: list[str] | None = [] if on_end is not None else None  # a session turn's reply, for its history
 
     def _end(self, last: TokenEvent | None) -> None:
         """Give the slot back, then settle the session turn (once; `last` is the final event, if reached)."""
@@ -100,7 +100,7 @@ class Generation:
         on_end, self._on_end = self._on_end, None
         if on_end is not None:
             ok = last is not None and last.finish_reason is not FinishReason.ERROR
-            on_end(("".join(self._text), last) if ok and last is not None else None)
+            on_end(("".join(self._text or ()), last) if ok and last is not None else None)
 
     @property
     def stream(self) -> bool:
@@ -113,8 +113,10 @@ class Generation:
         event = self._first
         count = 1
         final: TokenEvent | None = None
+        text = self._text
         try:
-            self._text.append(event.token.text)
+            if text is not None:
+                text.append(event.token.text)
             yield event
             while not event.finished:
                 event = await self._events.__anext__()
@@ -122,7 +124,8 @@ class Generation:
                 metrics.itl.observe(now - last)
                 last = now
                 count += 1
-                self._text.append(event.token.text)
+                if text is not None:
+                    text.append(event.token.text)
                 yield event
             final = event
             metrics.draft_tokens.labels("proposed").inc(event.draft_tokens)

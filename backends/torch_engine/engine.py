@@ -45,7 +45,13 @@ from llm_endpoint.backends.torch_engine.sampling import RowFailure, RowSample
 from llm_endpoint.backends.torch_engine.scheduler import Chunk, Scheduler
 from llm_endpoint.backends.torch_engine.sequence import Abort, Add, CloseSession, Command, Sequence, Status
 from llm_endpoint.backends.torch_engine.session_cache import SessionCache
-from llm_endpoint.backends.torch_engine.sinks import Rerotation, SinkWindow, evict, rope_unsupported_reason
+from llm_endpoint.backends.torch_engine.sinks import (
+    Rerotation,
+    SinkWindow,
+    check_fits,
+    evict,
+    rope_unsupported_reason,
+)
 from llm_endpoint.backends.types import GenerationRequest, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -104,12 +110,9 @@ class TorchEngine:
         config = model.config
         param = next(model.parameters())
         shape = AttentionShape.of(config)
+        if attention_sinks:
+            check_fits(*attention_sinks, max_model_len)
         self.sinks = SinkWindow(*attention_sinks, block_size) if attention_sinks else None
-        if self.sinks and self.sinks.capacity > max_model_len:
-            raise ValueError(
-                f"option.attention_sinks + option.attention_window = {self.sinks.capacity} exceeds the "
-                f"model's {max_model_len} positions: lower option.attention_window"
-            )
         per_sequence = self.sinks.capacity if self.sinks else max_model_len
         num_blocks = kv_cache_blocks(config, dtype=param.dtype, max_running=max_running,
                                      max_model_len=per_sequence, space_bytes=kv_cache_space, block_size=block_size)
@@ -118,15 +121,15 @@ class TorchEngine:
             num_layers=shape.layers, num_blocks=num_blocks, block_size=block_size, num_kv_heads=shape.kv_heads,
             head_dim=shape.head_dim, dtype=param.dtype, device=param.device,
         )
+        self._block_bytes = shape.block_bytes(block_size, param.dtype)
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB reserved, touched as used)", num_blocks, block_size,
-                 num_blocks * shape.block_bytes(block_size, param.dtype) / 2**30)
+                 num_blocks * self._block_bytes / 2**30)
         if self.sinks and (reason := llama.unsupported_reason(config) or rope_unsupported_reason(config)):
             raise ValueError(f"option.attention_sinks cannot serve this model ({reason}); it needs our "
                              "Llama-family forward (Llama, Mistral, Qwen2, SmolLM) with a fixed RoPE")
         self.runner = ModelRunner(model, cache, forward="native" if self.sinks else forward)
         self.output = OutputStep(tokenizer, eos_token_ids(model, tokenizer), None if self.sinks else max_model_len)
         self.special_ids = self.output.special_ids
-        self._block_bytes = shape.block_bytes(block_size, param.dtype)
         session_bytes = session_space if session_space is not None else int(_physical_memory() * DEFAULT_SESSION_FRACTION)
         self.sessions = SessionCache(self.allocator, max_blocks=session_bytes // self._block_bytes,
                                      sinks=self.sinks.sinks if self.sinks else 0)
@@ -263,9 +266,9 @@ class TorchEngine:
             event = self.output.event(seq, sample)
             if event.finished:
                 self.scheduler.remove(seq, keep=True)
-                seq.deliver(event)
-                return
             seq.deliver(event)
+            if event.finished:
+                return
         if chunk.draft:
             self.allocator.truncate(seq.block_table, seq.cache_len)
 

@@ -45,13 +45,13 @@ class SessionCache:
         self._idle: OrderedDict[str, Retained] = OrderedDict()  # least recently used first
         self.held_blocks = 0
 
-    def resume(self, seq: Sequence) -> int:
-        """Hand `seq` its session's cache, cut back to what its tokens share with it; returns the tokens
-        reused. At least the last prompt token is always computed again (the step samples from it)."""
+    def resume(self, seq: Sequence) -> None:
+        """Hand `seq` its session's cache, cut back to what its tokens share with it (`seq.cached_prompt`
+        says how much). At least the last prompt token is always computed again (the step samples from it)."""
         session = seq.request.session_id
         kept = self._idle.pop(session, None) if session else None
         if kept is None:
-            return 0
+            return
         self.held_blocks -= len(kept.table)
         reuse = min(common_prefix(kept.tokens, seq.tokens), len(seq.tokens) - 1)
         # A sink cache lost the entries between its sinks and its recent window: only a cut inside the recent
@@ -62,7 +62,6 @@ class SessionCache:
         self.allocator.truncate(kept.table, cache_len)
         seq.block_table, seq.computed, seq.cache_len = kept.table, reuse, cache_len
         seq.cached_prompt = reuse
-        return reuse
 
     def keep(self, seq: Sequence) -> bool:
         """Keep a finished (or aborted) turn's cache for its session; False when `seq` has none to keep."""

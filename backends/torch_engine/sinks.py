@@ -47,6 +47,13 @@ class SinkWindow:
         return max(self.block_size, min(MAX_EVICT_TOKENS, half))
 
 
+def check_fits(sinks: int, window: int, max_model_len: int) -> None:
+    """A sink cache must fit the model's positions: cache positions are what RoPE rotates by."""
+    if sinks + window > max_model_len:
+        raise ValueError(f"option.attention_sinks + option.attention_window = {sinks + window} exceeds the "
+                         f"model's {max_model_len} positions: lower option.attention_window")
+
+
 def rope_unsupported_reason(config: Any) -> str | None:
     """Why a checkpoint's RoPE cannot be shifted by re-rotation (None when it can)."""
     scaling = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
