@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from llm_endpoint.backends.config import ResponseFormat, ServingConfig
 from llm_endpoint.backends.errors import prompt_too_long
 from llm_endpoint.backends.types import GenerationRequest, SamplingParams
+from llm_endpoint.server.chat_template import ChatTemplate, TemplateBudgetExceeded
 from llm_endpoint.server.protocol import MAX_STOP_SEQUENCES, ChatCompletionRequest, LmiRequest, OutputOptions
 from llm_endpoint.server.sessions import History, Turn
 
@@ -70,7 +71,36 @@ def decode_body(body: bytes, content_type: str | None) -> dict[str, Any]:
         raise InvalidRequest(f"request body has an unusable value ({exc}): expected ordinary JSON numbers") from None
     if not isinstance(payload, dict):
         raise InvalidRequest(f"payload is a JSON {type(payload).__name__}: expected a JSON object")
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            _check_unicode(payload, "")
+        except RecursionError:
+            raise InvalidRequest("request body nests too deeply: expected a flat JSON object") from None
     return payload
+
+
+# JSON can escape a lone UTF-16 surrogate ("\\ud800"): such a string can be neither tokenized nor written back
+# out, wherever it sits (a prompt, the `model` echoed in a reply, a stop sequence). Only escapes can produce
+# one (the body is strict UTF-8), so bodies without such an escape skip the walk.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_unicode(value: Any, path: str) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRequest(
+                f"'{path or 'payload'}' contains an unpaired surrogate {value[exc.start]!r} at character {exc.start}: "
+                "expected valid Unicode text"
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key, f"a key in {path or 'payload'}")
+            _check_unicode(item, f"{path}.{key}" if path else key)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_unicode(item, f"{path}.{i}")
 
 
 # pydantic names union branches in error locations ("temperature.int"); users know only the field.
@@ -128,15 +158,6 @@ def _stop_list(value: str | Sequence[str] | None, field: str) -> tuple[str, ...]
     return stops
 
 
-def _check_unicode(text: str, field: str) -> None:
-    """JSON can escape a lone UTF-16 surrogate ("\\ud800"), which no tokenizer can encode."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidRequest(
-            f"'{field}' contains an unpaired surrogate {text[exc.start]!r} at character {exc.start}: "
-            "expected valid Unicode text"
-        ) from None
 
 
 def _sampling_params(
@@ -163,6 +184,20 @@ def _sampling_params(
     )
 
 
+def longest_token_bytes(tokenizer: Any) -> int:
+    """The most bytes of text one token stands for. A token's vocabulary spelling has at least as many UTF-8
+    bytes as the text it decodes to (byte-level BPE spells a byte as one or two; sentencepiece's '▁' and
+    '<0x0A>' are longer than a space and a byte), so entries are decoded longest spelling first, and the
+    search stops once no remaining spelling could beat the best decoded length."""
+    spellings = sorted(tokenizer.get_vocab(), key=lambda tok: len(tok.encode("utf-8")), reverse=True)
+    best = 1
+    for token in spellings:
+        if len(token.encode("utf-8")) <= best:
+            break
+        best = max(best, len(tokenizer.convert_tokens_to_string([token]).encode("utf-8")))
+    return best
+
+
 class RequestParser:
     """Holds what parsing needs: the config (defaults, limits) and the tokenizer."""
 
@@ -180,6 +215,13 @@ class RequestParser:
         self.backend_name = backend_name
         self.supports_top_tokens = supports_top_tokens
         self.prompt_lookup_refusal = prompt_lookup_refusal or (lambda k: None)
+        self.chat_template = ChatTemplate.of(tokenizer)
+        # No prompt of more bytes than this fits in max_model_len tokens (bounded mode): every token spells at
+        # most _longest_token bytes. With sinks, a rendered chat may be as long as a request body allows.
+        self._longest_token = longest_token_bytes(tokenizer)
+        self._max_prompt_chars = (
+            2 * config.max_request_size if self.unbounded else self._longest_token * (max_model_len - 1)
+        )
 
     def _prompt_lookup(self, requested: int | None, field: str) -> int:
         """Draft tokens per step for a request: its own value if it gives one the backend can serve, else the
@@ -210,7 +252,16 @@ class RequestParser:
             return self._parse_chat(payload, request_id, force_stream, wanted, history)
         return self._parse_lmi(payload, request_id, force_stream, wanted, history)
 
+    def _too_long_in_bytes(self, size: str) -> str:
+        return (f"Input too long: the prompt has {size} bytes, more than {self.max_model_len - 1} tokens of this model "
+                f"can hold (its longest token spells {self._longest_token} bytes; option.max_model_len is "
+                f"{self.max_model_len})")
+
     def _tokens(self, text: str, add_special_tokens: bool) -> tuple[int, ...]:
+        if not self.unbounded:  # refuse what cannot fit before paying for its tokenization
+            size = len(text.encode("utf-8"))
+            if size > self._max_prompt_chars:
+                raise InvalidRequest(self._too_long_in_bytes(str(size)))
         ids = tuple(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
         if not ids:
             raise InvalidRequest("the prompt tokenizes to nothing: expected non-empty text")
@@ -252,7 +303,6 @@ class RequestParser:
         formatter = wanted or self.config.output_formatter or ("sse" if stream and tgi else "jsonlines" if stream else "json")
         if p.decoder_input_details and stream:
             raise InvalidRequest("'decoder_input_details' cannot be used with streaming: set stream to false")
-        _check_unicode(req.inputs, "inputs")
         self._check_top_tokens(p.top_n_tokens or 0, "parameters.top_n_tokens")
         if history is not None and history.kind == "chat":
             raise InvalidRequest("this session holds a chat conversation: continue it with 'messages', not 'inputs'")
@@ -299,7 +349,7 @@ class RequestParser:
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(req, name):
                 raise InvalidRequest(f"'{name}' is not supported: expected 0 or absent (use 'repetition_penalty')")
-        if getattr(self.tokenizer, "chat_template", None) is None:
+        if self.chat_template is None:
             raise InvalidRequest("this model has no chat template: send an LMI body with 'inputs' instead of 'messages'")
         messages = [
             {
@@ -309,14 +359,16 @@ class RequestParser:
             }
             for m in req.messages
         ]
-        for i, message in enumerate(messages):
-            if message["content"]:
-                _check_unicode(message["content"], f"messages.{i}.content")
         if history is not None and history.kind == "lmi":
             raise InvalidRequest("this session holds LMI 'inputs' text: continue it with 'inputs', not 'messages'")
         conversation = (history.messages if history is not None else []) + messages
         try:
-            prompt = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+            prompt = self.chat_template.render(conversation, timeout=self.config.chat_template_timeout,
+                                               max_chars=self._max_prompt_chars)
+        except TemplateBudgetExceeded as exc:
+            if exc.too_long and not self.unbounded:
+                raise InvalidRequest(self._too_long_in_bytes(f"more than {self._max_prompt_chars}")) from None
+            raise InvalidRequest(f"{exc}: expected fewer or shorter messages") from None
         except Exception as exc:  # template errors are the client's message structure, e.g. roles out of order
             raise InvalidRequest(f"the messages do not fit the model's chat template: {exc}") from None
         self._check_top_tokens(req.top_logprobs or 0 if req.logprobs else 0, "top_logprobs")

@@ -127,3 +127,104 @@ def test_temperature_boundaries_are_accepted(tokenizer: Any, body: bytes, temper
 def test_repetition_penalty_boundaries_are_accepted(tokenizer: Any, make_body, value: str) -> None:
     params = _parse(tokenizer, make_body("repetition_penalty", value)).generation.params
     assert params.repetition_penalty == float(value)
+
+
+# ---- text no tokenizer can take, anywhere in the body ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}', "'model'"),
+        (b'{"model": "\\ud800", "stream": true, "messages": [{"role": "user", "content": "hi"}]}', "'model'"),
+        (b'{"inputs": "hi", "parameters": {"stop_sequences": ["ok", "\\uDC01"]}}', "'parameters.stop_sequences.1'"),
+        (b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udbff!"}]}]}',
+         "'messages.0.content.0.text'"),
+        (b'{"inputs": "hi", "\\ud800": 1}', "'a key in payload'"),
+    ],
+)
+def test_an_unpaired_surrogate_anywhere_is_refused_naming_where(body: bytes, field: str) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        decode_body(body, "application/json")
+    assert field in str(err.value) and "unpaired surrogate" in str(err.value)
+    str(err.value).encode("utf-8")  # the message itself can be sent
+
+
+def test_a_surrogate_pair_and_an_escaped_backslash_are_text() -> None:
+    payload = decode_body(b'{"inputs": "smile \\ud83d\\ude00 and \\\\ud800"}', "application/json")
+    assert payload["inputs"] == "smile \U0001f600 and \\ud800"
+
+
+# ---- the prompt's byte length is checked before it is tokenized ------------------------------------------------
+
+
+class _CountingTokenizer:
+    """The real tokenizer, counting the characters it is asked to tokenize."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self.tokenized_chars = 0
+
+    def __call__(self, text: str, **kwargs: Any) -> Any:
+        self.tokenized_chars += len(text)
+        return self._tokenizer(text, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+
+def test_longest_token_bytes_is_the_vocabularys_true_maximum(tokenizer: Any) -> None:
+    from llm_endpoint.server.request_parser import longest_token_bytes
+
+    exact = max(len(tokenizer.convert_tokens_to_string([t]).encode("utf-8")) for t in tokenizer.get_vocab())
+    assert longest_token_bytes(tokenizer) == exact
+
+
+@pytest.mark.parametrize("kind", ["lmi", "chat"])
+def test_a_prompt_too_long_in_bytes_is_refused_without_tokenizing_it(tokenizer: Any, kind: str) -> None:
+    counting = _CountingTokenizer(tokenizer)
+    parser = RequestParser(make_config(model_id="demo"), counting, max_model_len=2048)
+    text = "word " * 1_000_000  # 5 MB: far more than 2048 tokens can spell
+    payload = {"inputs": text} if kind == "lmi" else {"messages": [{"role": "user", "content": text}]}
+    with pytest.raises(InvalidRequest) as err:
+        parser.parse(payload, "r1")
+    assert "Input too long" in str(err.value) and "option.max_model_len is 2048" in str(err.value)
+    assert counting.tokenized_chars == 0
+
+
+def test_a_prompt_within_the_byte_bound_is_still_checked_in_tokens(tokenizer: Any) -> None:
+    counting = _CountingTokenizer(tokenizer)
+    parser = RequestParser(make_config(model_id="demo"), counting, max_model_len=64)
+    with pytest.raises(InvalidRequest) as err:
+        parser.parse({"inputs": "word " * 100}, "r1")  # 500 bytes, 100 tokens
+    assert "the prompt has 100 tokens" in str(err.value) or "the prompt has 101 tokens" in str(err.value)
+    assert counting.tokenized_chars == 500
+
+
+def test_with_attention_sinks_a_long_prompt_is_not_refused_by_bytes(tokenizer: Any) -> None:
+    parser = RequestParser(make_config(model_id="demo", attention_window=64), tokenizer, max_model_len=64)
+    parsed = parser.parse({"inputs": "word " * 2000}, "r1")
+    assert len(parsed.generation.prompt_token_ids) >= 2000
+
+
+# ---- chat templates: rendered as transformers renders them, within a budget ----------------------------------
+
+
+def test_a_template_that_runs_past_its_budget_is_a_424(tokenizer: Any) -> None:
+    from llm_endpoint.server.chat_template import ChatTemplate
+
+    parser = RequestParser(make_config(model_id="demo", chat_template_timeout=0.2), tokenizer, max_model_len=2048)
+    # A template whose loops run over the conversation; a long conversation would make it run for hours.
+    parser.chat_template = ChatTemplate(
+        "{% for m in messages %}{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
+        "{{ m.content }}{% endfor %}", tokenizer.special_tokens_map)
+    with pytest.raises(InvalidRequest) as err:
+        parser.parse({"messages": CHAT}, "r1")
+    assert "chat_template_timeout=0.2 s" in str(err.value)
+
+
+def test_template_syntax_in_user_content_is_only_text(tokenizer: Any) -> None:
+    parser = RequestParser(make_config(model_id="demo"), tokenizer, max_model_len=2048)
+    content = "{{ 7*7 }}{% for x in range(10**9) %}{% endfor %}"
+    parsed = parser.parse({"messages": [{"role": "user", "content": content}]}, "r1")
+    assert content in parsed.generation.prompt and "49" not in parsed.generation.prompt
