@@ -10,7 +10,7 @@ import enum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 
 
 class ConfigError(Exception):
@@ -93,6 +93,22 @@ class ServingConfig(BaseModel):
     quantize: str | None = None
     model_loading_timeout: int = Field(1800, ge=1)
     max_request_size: int = Field(64 * 1024 * 1024, ge=1024)
+    # HTTP limits (server keys, SERVING_<KEY>): a request's head (request line and headers) in bytes; seconds
+    # a client may take to send its head, and its body; idle seconds a kept-alive connection stays open; open
+    # connections at most; seconds SIGTERM waits for admitted requests to finish before cutting them.
+    max_header_size: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
+    header_read_timeout: float = Field(10.0, gt=0)
+    body_read_timeout: float = Field(60.0, gt=0)
+    keep_alive_timeout: float = Field(75.0, gt=0)
+    max_connections: int = Field(1024, ge=1)
+    graceful_shutdown_timeout: float = Field(30.0, ge=0)
+    # Seconds and characters a chat template may spend rendering one request (user content cannot run code in
+    # the sandboxed template, but a template's loops over it can be made to run long).
+    chat_template_timeout: float = Field(2.0, gt=0)
+    # Bearer token every route but /ping requires (off when unset); SageMaker itself needs none.
+    api_key: SecretStr | None = None
+    # /models and /models/{name} show option.model_id (a local path or S3 URI) only when this is set.
+    expose_model_url: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # GiB of KV cache for our engine (scheduler/disable); unset: every slot at full length, at most 1/4 of RAM.
     kv_cache_space: float | None = Field(None, gt=0)
@@ -130,7 +146,8 @@ class ServingConfig(BaseModel):
             return "max"
         return v
 
-    @field_validator("trust_remote_code", "tgi_compat", "enforce_eager", "enable_stateful_sessions", mode="before")
+    @field_validator("trust_remote_code", "tgi_compat", "enforce_eager", "enable_stateful_sessions", "expose_model_url",
+                     mode="before")
     @classmethod
     def _strict_bool(cls, v: Any) -> Any:
         return parse_bool(v) if isinstance(v, str) else v

@@ -17,6 +17,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from llm_endpoint.server.auth import BearerAuthMiddleware
 from llm_endpoint.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from llm_endpoint.server.sagemaker.routes import add_sagemaker_routes
 from llm_endpoint.server.serving import InferenceService, ModelState, ServiceError
@@ -101,6 +102,8 @@ def create_app(service: InferenceService) -> FastAPI:
         service.backend.shutdown()
 
     app = FastAPI(title="llm-endpoint", lifespan=lifespan, docs_url=None, redoc_url=None)
+    if config.api_key is not None:  # added first, so it runs inside the request-id middleware
+        app.add_middleware(BearerAuthMiddleware, api_key=config.api_key.get_secret_value())
     app.add_middleware(RequestContextMiddleware, service=service)
 
     @app.exception_handler(ServiceError)
@@ -120,6 +123,9 @@ def create_app(service: InferenceService) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(ServiceError(400, f"invalid request: {exc.errors()[0].get('msg')}"))
+
+    # LMI shows where the model came from; that is a local path or an S3 URI nobody outside needs to see.
+    model_url = config.model_id if config.expose_model_url else ""
 
     def status_body() -> dict[str, Any]:
         return {config.model_name: {"status": service.state.value}}
@@ -153,7 +159,7 @@ def create_app(service: InferenceService) -> FastAPI:
 
     @app.get("/models")
     async def list_models() -> dict[str, Any]:
-        return {"models": [{"modelName": config.model_name, "modelUrl": config.model_id,
+        return {"models": [{"modelName": config.model_name, "modelUrl": model_url,
                             "status": service.state.value}]}
 
     @app.get("/models/{model_name}")
@@ -164,7 +170,7 @@ def create_app(service: InferenceService) -> FastAPI:
             "workflowName": config.model_name,
             "models": [{
                 "modelName": config.model_name,
-                "modelUrl": config.model_id,
+                "modelUrl": model_url,
                 "batchSize": 1,
                 "maxBatchDelayMillis": 0,
                 "maxIdleSeconds": 0,

@@ -86,8 +86,7 @@ def build_service(config: ServingConfig):  # -> InferenceService; imports deferr
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from llm_endpoint.server import http_server
     from llm_endpoint.server.app import create_app
 
     try:
@@ -97,10 +96,10 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"llm-endpoint: error: {exc}", file=sys.stderr)
         return 2
-    app = create_app(service)
-    uvicorn.run(app, host=args.host, port=port, log_level=args.log_level.lower(), access_log=False,
-                timeout_graceful_shutdown=30)
-    return 0
+    limits = http_server.HttpLimits(config.max_header_size, config.header_read_timeout, config.max_connections)
+    return http_server.run(create_app(service), host=args.host, port=port, limits=limits,
+                           keep_alive_timeout=config.keep_alive_timeout,
+                           graceful_shutdown_timeout=config.graceful_shutdown_timeout, log_level=args.log_level.lower())
 
 
 def demo_model(args: argparse.Namespace) -> int:
@@ -117,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="serve a model over HTTP (SageMaker LMI contract)")
     p_serve.add_argument("--model-dir", help="model directory (default: /opt/ml/model if present, else the demo model)")
-    p_serve.add_argument("--host", default="0.0.0.0")
+    p_serve.add_argument("--host", default="0.0.0.0",
+                         help="address to listen on (default: every interface, as SageMaker needs; on a laptop use 127.0.0.1)")
     p_serve.add_argument("--port", type=int, help="default: $SAGEMAKER_BIND_TO_PORT, else 8080")
     p_serve.set_defaults(func=serve)
     p_demo = sub.add_parser("demo-model", help="prepare the demo model if needed and print its directory")

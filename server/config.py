@@ -55,11 +55,20 @@ _OPTION_FIELDS = {
     "attention_window": "attention_window",
     "prompt_lookup_num_tokens": "prompt_lookup_num_tokens",
     "prompt_lookup_max_ngram": "prompt_lookup_max_ngram",
+    "chat_template_timeout": "chat_template_timeout",
+    "api_key": "api_key",
+    "expose_model_url": "expose_model_url",
 }
 # Server-level keys: `key` in serving.properties or SERVING_<KEY> in the environment.
 _SERVER_FIELDS = {
     "job_queue_size": "job_queue_size",
     "max_request_size": "max_request_size",
+    "max_header_size": "max_header_size",
+    "header_read_timeout": "header_read_timeout",
+    "body_read_timeout": "body_read_timeout",
+    "keep_alive_timeout": "keep_alive_timeout",
+    "max_connections": "max_connections",
+    "graceful_shutdown_timeout": "graceful_shutdown_timeout",
 }
 # Entry-point translations (LMI's dockerd-entrypoint): applied only when the target is unset.
 _ENV_TRANSLATIONS = {

@@ -42,19 +42,27 @@ def error_response(exc: ServiceError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing more than `limit` bytes without buffering them."""
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The body, refusing more than `limit` bytes without buffering them, or a body that takes more than
+    `timeout` seconds to arrive (a client trickling bytes would otherwise hold its connection for ever)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ServiceError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes (max_request_size)")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ServiceError(413, f"request body exceeds the limit of {limit} bytes (max_request_size)")
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def receive_all() -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ServiceError(413, f"request body exceeds the limit of {limit} bytes (max_request_size)")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(receive_all(), timeout)
+    except asyncio.TimeoutError:
+        raise ServiceError(408, f"request body not received within body_read_timeout={timeout:g} s") from None
 
 
 async def wait_for_disconnect(request: Request) -> None:
@@ -98,7 +106,7 @@ async def start_generation(
 ) -> Generation | SessionReply:
     """Parse and wait for the first token (or answer a session control request); a client that leaves
     while still queued is dropped from the queue rather than keeping its place (raises ClientGone)."""
-    body = await read_body(request, service.config.max_request_size)
+    body = await read_body(request, service.config.max_request_size, service.config.body_read_timeout)
     starting = asyncio.ensure_future(service.start(
         body, request.headers.get("content-type"), request.state.request_id, force_stream, accept,
         request.headers.get(SESSION_HEADER),
