@@ -60,6 +60,11 @@ class ServiceError(Exception):
         return {"error": str(self), "code": self.status}
 
 
+def ping_body(model_name: str, state: ModelState) -> dict[str, Any]:
+    """LMI's /ping body: the model's status by name."""
+    return {model_name: {"status": state.value}}
+
+
 def not_ready(model_name: str, state: ModelState) -> ServiceError:
     """What a request gets before the model is ready (while it downloads, converts, loads) or once it failed."""
     return ServiceError(503, f"model {model_name} is not ready (status {state.value})")

@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from llm_endpoint.backends.config import ConfigError
-from llm_endpoint.server.serving import InferenceService, ModelState, not_ready
+from llm_endpoint.server.serving import InferenceService, ModelState, not_ready, ping_body
 from llm_endpoint.server.transport import error_response
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class StartingApp:
             await self._app(scope, receive, send)
         elif scope["type"] == "http":
             if scope["path"] == "/ping":
-                response = JSONResponse({self.model_name: {"status": ModelState.PENDING.value}}, status_code=503)
+                response = JSONResponse(ping_body(self.model_name, ModelState.PENDING), status_code=503)
             else:
                 response = error_response(not_ready(self.model_name, ModelState.PENDING))
             await response(scope, receive, send)
