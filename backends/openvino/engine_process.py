@@ -40,7 +40,7 @@ def run_engine_process(config: ServingConfig, path: Path, commands: Connection, 
     try:
         pipe = create_pipeline(config, path)
     except Exception as exc:
-        log.exception("OpenVINO could not load %s", path)
+        log.debug("OpenVINO could not load %s", path, exc_info=True)  # the server reports it in one line
         results.send(f"{type(exc).__name__}: {exc}")
         return
     results.send("ready")

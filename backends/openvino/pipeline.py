@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
 import openvino_genai as ov_genai
+from filelock import FileLock
 
 from llm_endpoint.backends.config import ConfigError, ServingConfig, coerce_like
 from llm_endpoint.backends.model_files import ModelFiles
@@ -49,7 +52,30 @@ def model_path(config: ServingConfig, files: ModelFiles) -> Path:
         return convert_to_ir(files.directory, weight_format, config.cache_dir, config.optimum_cli)
     if quantize:
         log.warning("option.quantize=%s ignored: %s already holds its weights' format", quantize, files.path)
-    return files.path
+    return writable_gguf(files.path, config.cache_dir) if files.kind == "gguf" else files.path
+
+
+def writable_gguf(path: Path, cache_dir: Path) -> Path:
+    """`path`, or a copy in the cache when this process may not write it.
+
+    GenAI opens a .gguf read-write (gguf_open), which fails on a read-only mount (SageMaker mounts
+    /opt/ml/model read-only) and for a file owned by another uid; it writes nothing, so a private copy,
+    made once and keyed by the file's path, size and mtime, loads the same model.
+    """
+    if os.access(path, os.W_OK):
+        return path
+    stat = path.stat()
+    digest = hashlib.sha256(f"{path.resolve()}\n{stat.st_size}\n{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir / "gguf" / f"{path.stem}-{digest}.gguf"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not target.is_file():
+            log.info("copying %s to %s: OpenVINO GenAI opens GGUF files read-write, and this one is read-only",
+                     path, target)
+            partial = target.with_name(target.name + ".partial")
+            shutil.copyfile(path, partial)
+            partial.rename(target)
+    return target
 
 
 def scheduler_config(config: ServingConfig) -> Any:
