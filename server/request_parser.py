@@ -249,7 +249,10 @@ class RequestParser:
         stream = req.stream or force_stream
         tgi = self.config.tgi_compat
         details = p.details if p.details is not None else tgi
-        formatter = wanted or self.config.output_formatter or ("sse" if stream and tgi else "jsonlines" if stream else "json")
+        default: ResponseFormat = "sse" if stream and tgi else "jsonlines" if stream else "json"
+        formatter = wanted or self.config.output_formatter or default
+        if force_stream and formatter == "json":  # the stream route streams token by token, whatever Accept says
+            formatter = default
         if p.decoder_input_details and stream:
             raise InvalidRequest("'decoder_input_details' cannot be used with streaming: set stream to false")
         _check_unicode(req.inputs, "inputs")

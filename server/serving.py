@@ -139,12 +139,12 @@ class Generation:
             metrics.generated_tokens.inc(count)
             metrics.e2e.observe(time.monotonic() - self._arrived)
 
-    async def chunks(self) -> AsyncIterator[str]:
-        """Formatted chunks as tokens arrive; raises MidStreamError if the engine fails part-way."""
+    async def frames(self) -> AsyncIterator[str]:
+        """Formatted frames (one complete wire event each) as tokens arrive; raises MidStreamError if the
+        engine fails part-way."""
         async for event in self._all_events():
-            chunk = self.formatter.on_event(event)
-            if chunk:
-                yield chunk
+            for frame in self.formatter.on_event(event):
+                yield frame
 
     async def body(self) -> bytes:
         async for event in self._all_events():

@@ -84,13 +84,14 @@ async def complete_or_abort(request: Request, generation: Generation) -> bytes |
 
 
 async def lmi_stream(generation: Generation) -> AsyncIterator[str]:
-    """LMI chunks; closing the generation is GenerationStream's job."""
+    """LMI frames; closing the generation is GenerationStream's job."""
     try:
-        async for chunk in generation.chunks():
-            yield chunk
+        async for frame in generation.frames():
+            yield frame
     except MidStreamError as exc:
         log.warning("request %s failed mid-stream: %s", generation.parsed.generation.request_id, exc)
-        yield generation.formatter.on_error(str(exc))
+        for frame in generation.formatter.on_error(str(exc)):
+            yield frame
 
 
 async def start_generation(

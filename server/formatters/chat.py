@@ -58,7 +58,7 @@ class _ChatFormatter(BufferedFormatter):
         prompt, completion = self.transcript.prompt_tokens, len(self.transcript.tokens)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def on_error(self, message: str) -> str:
+    def on_error(self, message: str) -> list[str]:
         """An OpenAI error object, `{"error": {"message", "type", "param", "code"}}`.
 
         The openai client raises `APIError(message)` for a stream event with an `error` key, but takes the
@@ -68,7 +68,7 @@ class _ChatFormatter(BufferedFormatter):
         """
         error = {"message": message, "type": "server_error", "param": None, "code": ERROR_CODE}
         chunk = frame(dumps({"error": error}), self.framing)
-        return chunk + SSE_DONE if self.framing == "sse" else chunk
+        return [chunk, SSE_DONE] if self.framing == "sse" else [chunk]
 
 
 class ChatCompletionFormatter(_ChatFormatter):
@@ -78,14 +78,14 @@ class ChatCompletionFormatter(_ChatFormatter):
     def _framing(options: OutputOptions) -> ResponseFormat:
         return "json"
 
-    def _render(self, event: TokenEvent) -> str:
+    def _render(self, event: TokenEvent) -> list[str]:
         if not event.finished:
-            return ""
+            return []
         t = self.transcript
         logprobs = None
         if self.options.logprobs:
             logprobs = {"content": [self._logprobs_content(tok, top) for tok, top in zip(t.tokens, t.top_tokens)]}
-        return dumps({
+        return [dumps({
             "id": self.completion_id,
             "object": "chat.completion",
             "created": self.created,
@@ -97,7 +97,7 @@ class ChatCompletionFormatter(_ChatFormatter):
                 "finish_reason": self._finish_reason(),
             }],
             "usage": self._usage(),
-        })
+        })]
 
 
 class ChatChunkFormatter(_ChatFormatter):
@@ -126,7 +126,7 @@ class ChatChunkFormatter(_ChatFormatter):
     def _choice(delta: dict[str, str], logprobs: dict[str, Any] | None, finish_reason: str | None) -> dict[str, Any]:
         return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
-    def _render(self, event: TokenEvent) -> str:
+    def _render(self, event: TokenEvent) -> list[str]:
         out: list[str] = []
         if len(self.transcript.tokens) == 1:
             out.append(self._chunk([self._choice({"role": "assistant", "content": ""}, None, None)]))
@@ -140,4 +140,4 @@ class ChatChunkFormatter(_ChatFormatter):
                 out.append(self._chunk([], self._usage()))
             if self.framing == "sse":
                 out.append(SSE_DONE)
-        return "".join(out)
+        return out
