@@ -18,7 +18,13 @@ from pydantic import BaseModel, ValidationError
 from llm_endpoint.backends.config import ResponseFormat, ServingConfig
 from llm_endpoint.backends.errors import prompt_too_long
 from llm_endpoint.backends.types import GenerationRequest, SamplingParams
-from llm_endpoint.server.protocol import MAX_STOP_SEQUENCES, ChatCompletionRequest, LmiRequest, OutputOptions
+from llm_endpoint.server.protocol import (
+    MAX_STOP_SEQUENCES,
+    ChatCompletionRequest,
+    CompletionRequest,
+    LmiRequest,
+    OutputOptions,
+)
 from llm_endpoint.server.sessions import History, Turn
 
 MAX_STOP_SEQUENCE_CHARS = 512
@@ -128,6 +134,37 @@ def _stop_list(value: str | Sequence[str] | None, field: str) -> tuple[str, ...]
     return stops
 
 
+# OpenAI fields that would change what the answer is or looks like, and that this server does not implement:
+# a request using one gets a 424 naming it rather than a plain answer that silently ignored it. Each maps to the
+# values that ask for nothing (absent or null always does).
+_UNIMPLEMENTED: dict[str, tuple[Any, ...]] = {
+    "response_format": ({"type": "text"},),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "logit_bias": ({},),
+    "suffix": ("",),
+    "audio": (),
+    "modalities": (["text"],),
+    "prediction": (),
+}
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's (and vLLM's) default max_tokens for completions
+
+
+def _refuse_unimplemented(payload: dict[str, Any]) -> None:
+    for name, neutral in _UNIMPLEMENTED.items():
+        value = payload.get(name)
+        if value is not None and value not in neutral:
+            raise InvalidRequest(f"'{name}' is not supported by this server: expected it absent or null")
+
+
+def _refuse_penalties(req: ChatCompletionRequest | CompletionRequest) -> None:
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(req, name):
+            raise InvalidRequest(f"'{name}' is not supported: expected 0 or absent (use 'repetition_penalty')")
+
+
 def _check_unicode(text: str, field: str) -> None:
     """JSON can escape a lone UTF-16 surrogate ("\\ud800"), which no tokenizer can encode."""
     try:
@@ -208,6 +245,8 @@ class RequestParser:
         wanted = _ACCEPT_FORMATTERS.get((accept or "").split(";", 1)[0].strip().lower())
         if "messages" in payload:
             return self._parse_chat(payload, request_id, force_stream, wanted, history)
+        if "prompt" in payload and "inputs" not in payload:  # an OpenAI completions body, as LMI's async mode reads it
+            return self._parse_completion(payload, request_id, force_stream, wanted, history)
         return self._parse_lmi(payload, request_id, force_stream, wanted, history)
 
     def _tokens(self, text: str, add_special_tokens: bool) -> tuple[int, ...]:
@@ -294,14 +333,71 @@ class RequestParser:
         turn = Turn("lmi", text=req.inputs) if history is not None else None
         return ParsedRequest(GenerationRequest(request_id, ids, params, prompt), output, turn)
 
+    def _openai_formatter(self, stream: bool, wanted: ResponseFormat | None) -> ResponseFormat:
+        """OpenAI bodies stream SSE unless JSON lines were asked for (Accept or option.output_formatter)."""
+        if not stream:
+            return "json"
+        return "jsonlines" if (wanted or self.config.output_formatter) == "jsonlines" else "sse"
+
+    def _parse_completion(
+        self, payload: dict[str, Any], request_id: str, force_stream: bool, wanted: ResponseFormat | None,
+        history: History | None,
+    ) -> ParsedRequest:
+        _refuse_unimplemented(payload)
+        req: CompletionRequest = _validate(CompletionRequest, payload)
+        _refuse_penalties(req)
+        if history is not None:
+            raise InvalidRequest("a stateful session continues with 'inputs' or 'messages', not a completions 'prompt'")
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if len(prompts) != 1:
+            raise InvalidRequest(
+                f"'prompt' has {len(prompts)} entries: this server completes one prompt per request "
+                "(send a string or a one-element list)"
+            )
+        prompt = prompts[0]
+        if not prompt:
+            raise InvalidRequest("Invalid request payload: 'prompt' must be a non-empty string")
+        _check_unicode(prompt, "prompt")
+        if req.echo and req.logprobs is not None:
+            raise InvalidRequest("'echo' together with 'logprobs' is not supported (prompt log-probs): drop one of them")
+        self._check_top_tokens(req.logprobs or 0, "logprobs")
+        ids = self._tokens(prompt, add_special_tokens=True)
+        temperature = 1.0 if req.temperature is None else float(req.temperature)
+        stream = req.stream or force_stream
+        output = OutputOptions(
+            kind="completion",
+            stream=stream,
+            formatter=self._openai_formatter(stream, wanted),
+            inputs=prompt,
+            model=req.model or self.config.model_name,
+            logprobs=req.logprobs is not None,
+            top_logprobs=req.logprobs or 0,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            echo=req.echo,
+        )
+        params = _sampling_params(
+            max_new_tokens=self._max_new_tokens(req.max_tokens, DEFAULT_COMPLETION_TOKENS, len(ids), "max_tokens"),
+            do_sample=temperature > 0,
+            temperature=temperature,
+            top_k=req.top_k,
+            top_p=req.top_p,
+            repetition_penalty=req.repetition_penalty,
+            seed=req.seed,
+            stop_sequences=_stop_list(req.stop, "stop"),
+            ignore_eos=req.ignore_eos,
+            top_n_tokens=req.logprobs or 0,
+            output=output,
+            prompt_lookup_num_tokens=self._prompt_lookup(req.prompt_lookup_num_tokens, "prompt_lookup_num_tokens"),
+        )
+        return ParsedRequest(GenerationRequest(request_id, ids, params, prompt), output)
+
     def _parse_chat(
         self, payload: dict[str, Any], request_id: str, force_stream: bool, wanted: ResponseFormat | None,
         history: History | None,
     ) -> ParsedRequest:
+        _refuse_unimplemented(payload)
         req: ChatCompletionRequest = _validate(ChatCompletionRequest, payload)
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(req, name):
-                raise InvalidRequest(f"'{name}' is not supported: expected 0 or absent (use 'repetition_penalty')")
+        _refuse_penalties(req)
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise InvalidRequest("this model has no chat template: send an LMI body with 'inputs' instead of 'messages'")
         messages = [
@@ -327,8 +423,7 @@ class RequestParser:
         temperature = 1.0 if req.temperature is None else float(req.temperature)
         top_n = (req.top_logprobs or 0) if req.logprobs else 0
         stream = req.stream or force_stream
-        jsonlines = (wanted or self.config.output_formatter) == "jsonlines"
-        formatter = "jsonlines" if jsonlines and stream else ("sse" if stream else "json")
+        formatter = self._openai_formatter(stream, wanted)
         output = OutputOptions(
             kind="chat",
             stream=stream,
