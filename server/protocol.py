@@ -67,6 +67,8 @@ class LmiParameters(_Lenient):
     top_k: StrictInt | None = Field(None, ge=-1)
     top_p: Number | None = Field(None, gt=0, le=1)
     repetition_penalty: RepetitionPenalty | None = None
+    frequency_penalty: Number | None = Field(None, ge=-2, le=2)  # vLLM's, in LMI's schema
+    presence_penalty: Number | None = Field(None, ge=-2, le=2)
     max_new_tokens: StrictInt | None = Field(None, ge=1)
     details: StrictBool | None = None
     return_full_text: StrictBool | None = None

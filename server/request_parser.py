@@ -159,12 +159,6 @@ def _refuse_unimplemented(payload: dict[str, Any]) -> None:
             raise InvalidRequest(f"'{name}' is not supported by this server: expected it absent or null")
 
 
-def _refuse_penalties(req: ChatCompletionRequest | CompletionRequest) -> None:
-    for name in ("frequency_penalty", "presence_penalty"):
-        if getattr(req, name):
-            raise InvalidRequest(f"'{name}' is not supported: expected 0 or absent (use 'repetition_penalty')")
-
-
 def _check_unicode(text: str, field: str) -> None:
     """JSON can escape a lone UTF-16 surrogate ("\\ud800"), which no tokenizer can encode."""
     try:
@@ -180,6 +174,7 @@ def _sampling_params(
     *, max_new_tokens: int, do_sample: bool, temperature: float | None, top_k: int | None, top_p: float | None,
     repetition_penalty: float | None, seed: int | None, stop_sequences: tuple[str, ...], ignore_eos: bool,
     top_n_tokens: int, output: OutputOptions, prompt_logprobs: bool = False, prompt_lookup_num_tokens: int = 0,
+    frequency_penalty: float | None = None, presence_penalty: float | None = None,
 ) -> SamplingParams:
     """The one mapping of validated wire values onto SamplingParams, for LMI and chat bodies alike: absent
     values take their neutral defaults, temperature 0 leaves 1.0 (greedy decides), unseeded requests get a seed."""
@@ -190,6 +185,8 @@ def _sampling_params(
         top_k=max(top_k or 0, 0),
         top_p=float(top_p) if top_p is not None else 1.0,
         repetition_penalty=float(repetition_penalty) if repetition_penalty is not None else 1.0,
+        frequency_penalty=float(frequency_penalty or 0),
+        presence_penalty=float(presence_penalty or 0),
         seed=seed if seed is not None else random.getrandbits(63),
         stop_sequences=stop_sequences,
         ignore_eos=ignore_eos,
@@ -322,6 +319,8 @@ class RequestParser:
             top_k=p.top_k,
             top_p=p.top_p,
             repetition_penalty=p.repetition_penalty,
+            frequency_penalty=p.frequency_penalty,
+            presence_penalty=p.presence_penalty,
             seed=p.seed,
             stop_sequences=_stop_list(p.stop_sequences, "parameters.stop_sequences"),
             ignore_eos=bool(p.ignore_eos_token),
@@ -345,7 +344,6 @@ class RequestParser:
     ) -> ParsedRequest:
         _refuse_unimplemented(payload)
         req: CompletionRequest = _validate(CompletionRequest, payload)
-        _refuse_penalties(req)
         if history is not None:
             raise InvalidRequest("a stateful session continues with 'inputs' or 'messages', not a completions 'prompt'")
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
@@ -382,6 +380,8 @@ class RequestParser:
             top_k=req.top_k,
             top_p=req.top_p,
             repetition_penalty=req.repetition_penalty,
+            frequency_penalty=req.frequency_penalty,
+            presence_penalty=req.presence_penalty,
             seed=req.seed,
             stop_sequences=_stop_list(req.stop, "stop"),
             ignore_eos=req.ignore_eos,
@@ -397,7 +397,6 @@ class RequestParser:
     ) -> ParsedRequest:
         _refuse_unimplemented(payload)
         req: ChatCompletionRequest = _validate(ChatCompletionRequest, payload)
-        _refuse_penalties(req)
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise InvalidRequest("this model has no chat template: send an LMI body with 'inputs' instead of 'messages'")
         messages = [
@@ -443,6 +442,8 @@ class RequestParser:
             top_k=req.top_k,
             top_p=req.top_p,
             repetition_penalty=req.repetition_penalty,
+            frequency_penalty=req.frequency_penalty,
+            presence_penalty=req.presence_penalty,
             seed=req.seed,
             stop_sequences=_stop_list(req.stop, "stop"),
             ignore_eos=req.ignore_eos,

@@ -388,3 +388,39 @@ def test_tgi_generate_and_generate_stream(tgi_server, tgi_root_client) -> None:
 
 def test_tgi_routes_are_absent_without_tgi_compat(server) -> None:
     assert requests.post(server.url + "/generate", json={"inputs": PROMPT}, timeout=30).status_code == 404
+
+
+# ---- frequency and presence penalties -------------------------------------------------------------------------
+
+REPETITIVE = "one one one one one one one one one one"
+
+
+def penalized_greedy_reference(hf_model, prompt_ids: list[int], steps: int, frequency: float, presence: float) -> list[int]:
+    """Greedy ids from transformers with OpenAI's penalties applied by hand: logit[j] -= frequency * count[j]
+    + presence * (count[j] > 0), counting the output's tokens only."""
+    ids = torch.tensor([prompt_ids])
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = hf_model(ids).logits[0, -1].float()
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.numel()).float()
+            nxt = int(torch.argmax(logits - frequency * counts - presence * (counts > 0).float()))
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return out
+
+
+def test_openai_frequency_and_presence_penalties(oai, backend, tokenizer, hf_model) -> None:
+    kwargs = dict(model="m", prompt=REPETITIVE, max_tokens=12, temperature=0)
+    plain = oai.completions.create(**kwargs).choices[0].text
+    penalized = oai.completions.create(frequency_penalty=1.5, presence_penalty=0.5, **kwargs).choices[0].text
+    assert penalized != plain  # greedy continues the repetition unless the penalties change its choices
+    if backend != "openvino":  # OpenVINO GenAI applies its own (native) variant of the two penalties
+        ref = penalized_greedy_reference(hf_model, tokenizer(REPETITIVE)["input_ids"], 12, 1.5, 0.5)
+        assert penalized == tokenizer.decode(ref)
+    # negative values encourage repetition: at least as many repeats of the most common output token
+    encouraged = oai.completions.create(frequency_penalty=-1.0, **kwargs).choices[0].text
+    assert encouraged.split().count("one") >= penalized.split().count("one")
+    chat = oai.chat.completions.create(model="m", messages=QUESTION, max_tokens=8, temperature=0,
+                                       frequency_penalty=1.0, presence_penalty=1.0)
+    assert chat.choices[0].message.content
