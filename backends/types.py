@@ -29,6 +29,10 @@ class SamplingParams:
     top_k: int = 0  # 0 = disabled
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    # OpenAI's: subtracted from the logit of every token the output already holds, once per occurrence
+    # (frequency) or once (presence); -2..2, 0 = off.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int | None = None
     stop_sequences: tuple[str, ...] = ()
     ignore_eos: bool = False
@@ -43,6 +47,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return not self.do_sample
+
+    @property
+    def penalizes(self) -> bool:
+        """Whether choosing a token depends on the tokens seen so far."""
+        return self.repetition_penalty != 1.0 or bool(self.frequency_penalty) or bool(self.presence_penalty)
 
 
 @dataclass(frozen=True)

@@ -191,6 +191,8 @@ def sampling_params(params: SamplingParams) -> Any:
         top_k=params.top_k if sampled else 0,
         top_p=params.top_p if sampled else 1.0,
         repetition_penalty=params.repetition_penalty,
+        frequency_penalty=params.frequency_penalty,
+        presence_penalty=params.presence_penalty,
         seed=params.seed,
         max_tokens=params.max_new_tokens,
         stop=list(params.stop_sequences) or None,

@@ -19,8 +19,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llm_endpoint.server.auth import BearerAuthMiddleware
 from llm_endpoint.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from llm_endpoint.server.openai_routes import add_openai_routes
 from llm_endpoint.server.sagemaker.routes import add_sagemaker_routes
 from llm_endpoint.server.serving import InferenceService, ModelState, ServiceError, ping_body
+from llm_endpoint.server.tgi_routes import add_tgi_routes
 from llm_endpoint.server.transport import ClientGone, error_response, respond, start_generation
 
 log = logging.getLogger(__name__)
@@ -188,6 +190,8 @@ def create_app(service: InferenceService) -> FastAPI:
         }]
 
     add_sagemaker_routes(app, service)
+    add_openai_routes(app, service)
+    add_tgi_routes(app, service)
 
     @app.get("/metrics")
     @app.get("/server/metrics")

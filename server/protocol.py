@@ -1,4 +1,4 @@
-"""Wire schemas: LMI (TGI-like) and OpenAI chat request bodies, and what a formatter needs to know.
+"""Wire schemas: LMI (TGI-like), OpenAI chat and completions request bodies, and what a formatter needs to know.
 
 Only shapes and per-field bounds live here; cross-field rules and tokenization live in request_parser.
 Unknown fields are accepted and ignored, as LMI does.
@@ -67,6 +67,8 @@ class LmiParameters(_Lenient):
     top_k: StrictInt | None = Field(None, ge=-1)
     top_p: Number | None = Field(None, gt=0, le=1)
     repetition_penalty: RepetitionPenalty | None = None
+    frequency_penalty: Number | None = Field(None, ge=-2, le=2)  # vLLM's, in LMI's schema
+    presence_penalty: Number | None = Field(None, ge=-2, le=2)
     max_new_tokens: StrictInt | None = Field(None, ge=1)
     details: StrictBool | None = None
     return_full_text: StrictBool | None = None
@@ -97,21 +99,17 @@ class StreamOptions(_Lenient):
     include_usage: StrictBool = False
 
 
-class ChatCompletionRequest(_Lenient):
-    """OpenAI chat-completions body (the subset that maps onto text generation)."""
+class _OpenAIRequest(_Lenient):
+    """What OpenAI's chat and (legacy) completions bodies share; `user` is accepted and ignored."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
     model: StrictStr | None = None
     max_tokens: StrictInt | None = Field(None, ge=1)
-    max_completion_tokens: StrictInt | None = Field(None, ge=1)
     temperature: ChatTemperature | None = None
     top_p: Number | None = Field(None, gt=0, le=1)
     top_k: StrictInt | None = Field(None, ge=-1)
     frequency_penalty: Number | None = Field(None, ge=-2, le=2)
     presence_penalty: Number | None = Field(None, ge=-2, le=2)
     repetition_penalty: RepetitionPenalty | None = None
-    logprobs: StrictBool = False
-    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_N_TOKENS)
     n: StrictInt = Field(1, ge=1, le=1)
     seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED)
     stop: StrictStr | list[StrictStr] | None = None
@@ -121,27 +119,48 @@ class ChatCompletionRequest(_Lenient):
     prompt_lookup_num_tokens: StrictInt | None = Field(None, ge=0, le=MAX_PROMPT_LOOKUP_TOKENS)
 
 
+class ChatCompletionRequest(_OpenAIRequest):
+    """OpenAI chat-completions body (the subset that maps onto text generation)."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_N_TOKENS)
+
+
+class CompletionRequest(_OpenAIRequest):
+    """OpenAI (legacy) completions body: `logprobs` is the number of alternatives per token, `echo` puts the
+    prompt before the completion."""
+
+    prompt: StrictStr | list[StrictStr]
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_N_TOKENS)
+    echo: StrictBool = False
+    best_of: StrictInt = Field(1, ge=1, le=1)
+
+
 @dataclass(frozen=True)
 class OutputOptions:
     """Everything a formatter needs about the request; formatters see nothing of engines or HTTP."""
 
-    kind: Literal["lmi", "chat"]
+    kind: Literal["lmi", "chat", "completion"]
     stream: bool
     formatter: ResponseFormat
     inputs: str = ""  # the prompt text (LMI `details.inputs`, `return_full_text`)
     details: bool = False
     return_full_text: bool = False
     tgi_compat: bool = False
-    # chat only
+    # OpenAI chat and completions only
     model: str = "lmi"
     logprobs: bool = False
     top_logprobs: int = 0
     include_usage: bool = False
+    echo: bool = False  # completions: the prompt comes before the completion
 
     @property
     def shows_token_logprobs(self) -> bool:
         """Whether the response carries each generated token's log-prob (engines may skip them otherwise):
-        every LMI stream line and `details` do, a plain LMI JSON body does not; chat only with `logprobs`."""
-        if self.kind == "chat":
+        every LMI stream line and `details` do, a plain LMI JSON body does not; OpenAI bodies only with
+        `logprobs`."""
+        if self.kind != "lmi":
             return self.logprobs
         return self.formatter != "json" or self.details

@@ -19,7 +19,13 @@ from llm_endpoint.backends.config import ResponseFormat, ServingConfig
 from llm_endpoint.backends.errors import prompt_too_long
 from llm_endpoint.backends.types import GenerationRequest, SamplingParams
 from llm_endpoint.server.chat_template import ChatTemplate, TemplateBudgetExceeded
-from llm_endpoint.server.protocol import MAX_STOP_SEQUENCES, ChatCompletionRequest, LmiRequest, OutputOptions
+from llm_endpoint.server.protocol import (
+    MAX_STOP_SEQUENCES,
+    ChatCompletionRequest,
+    CompletionRequest,
+    LmiRequest,
+    OutputOptions,
+)
 from llm_endpoint.server.sessions import History, Turn
 
 MAX_STOP_SEQUENCE_CHARS = 512
@@ -158,12 +164,36 @@ def _stop_list(value: str | Sequence[str] | None, field: str) -> tuple[str, ...]
     return stops
 
 
+# OpenAI fields that would change what the answer is or looks like, and that this server does not implement:
+# a request using one gets a 424 naming it rather than a plain answer that silently ignored it. Each maps to the
+# values that ask for nothing (absent or null always does).
+_UNIMPLEMENTED: dict[str, tuple[Any, ...]] = {
+    "response_format": ({"type": "text"},),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "logit_bias": ({},),
+    "suffix": ("",),
+    "audio": (),
+    "modalities": (["text"],),
+    "prediction": (),
+}
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's (and vLLM's) default max_tokens for completions
+
+
+def _refuse_unimplemented(payload: dict[str, Any]) -> None:
+    for name, neutral in _UNIMPLEMENTED.items():
+        value = payload.get(name)
+        if value is not None and value not in neutral:
+            raise InvalidRequest(f"'{name}' is not supported by this server: expected it absent or null")
 
 
 def _sampling_params(
     *, max_new_tokens: int, do_sample: bool, temperature: float | None, top_k: int | None, top_p: float | None,
     repetition_penalty: float | None, seed: int | None, stop_sequences: tuple[str, ...], ignore_eos: bool,
     top_n_tokens: int, output: OutputOptions, prompt_logprobs: bool = False, prompt_lookup_num_tokens: int = 0,
+    frequency_penalty: float | None = None, presence_penalty: float | None = None,
 ) -> SamplingParams:
     """The one mapping of validated wire values onto SamplingParams, for LMI and chat bodies alike: absent
     values take their neutral defaults, temperature 0 leaves 1.0 (greedy decides), unseeded requests get a seed."""
@@ -174,6 +204,8 @@ def _sampling_params(
         top_k=max(top_k or 0, 0),
         top_p=float(top_p) if top_p is not None else 1.0,
         repetition_penalty=float(repetition_penalty) if repetition_penalty is not None else 1.0,
+        frequency_penalty=float(frequency_penalty or 0),
+        presence_penalty=float(presence_penalty or 0),
         seed=seed if seed is not None else random.getrandbits(63),
         stop_sequences=stop_sequences,
         ignore_eos=ignore_eos,
@@ -250,6 +282,8 @@ class RequestParser:
         wanted = _ACCEPT_FORMATTERS.get((accept or "").split(";", 1)[0].strip().lower())
         if "messages" in payload:
             return self._parse_chat(payload, request_id, force_stream, wanted, history)
+        if "prompt" in payload and "inputs" not in payload:  # an OpenAI completions body, as LMI's async mode reads it
+            return self._parse_completion(payload, request_id, force_stream, wanted, history)
         return self._parse_lmi(payload, request_id, force_stream, wanted, history)
 
     def _too_long_in_bytes(self, size: str) -> str:
@@ -300,7 +334,10 @@ class RequestParser:
         stream = req.stream or force_stream
         tgi = self.config.tgi_compat
         details = p.details if p.details is not None else tgi
-        formatter = wanted or self.config.output_formatter or ("sse" if stream and tgi else "jsonlines" if stream else "json")
+        default: ResponseFormat = "sse" if stream and tgi else "jsonlines" if stream else "json"
+        formatter = wanted or self.config.output_formatter or default
+        if force_stream and formatter == "json":  # the stream route streams token by token, whatever Accept says
+            formatter = default
         if p.decoder_input_details and stream:
             raise InvalidRequest("'decoder_input_details' cannot be used with streaming: set stream to false")
         self._check_top_tokens(p.top_n_tokens or 0, "parameters.top_n_tokens")
@@ -330,6 +367,8 @@ class RequestParser:
             top_k=p.top_k,
             top_p=p.top_p,
             repetition_penalty=p.repetition_penalty,
+            frequency_penalty=p.frequency_penalty,
+            presence_penalty=p.presence_penalty,
             seed=p.seed,
             stop_sequences=_stop_list(p.stop_sequences, "parameters.stop_sequences"),
             ignore_eos=bool(p.ignore_eos_token),
@@ -341,14 +380,70 @@ class RequestParser:
         turn = Turn("lmi", text=req.inputs) if history is not None else None
         return ParsedRequest(GenerationRequest(request_id, ids, params, prompt), output, turn)
 
+    def _openai_formatter(self, stream: bool, wanted: ResponseFormat | None) -> ResponseFormat:
+        """OpenAI bodies stream SSE unless JSON lines were asked for (Accept or option.output_formatter)."""
+        if not stream:
+            return "json"
+        return "jsonlines" if (wanted or self.config.output_formatter) == "jsonlines" else "sse"
+
+    def _parse_completion(
+        self, payload: dict[str, Any], request_id: str, force_stream: bool, wanted: ResponseFormat | None,
+        history: History | None,
+    ) -> ParsedRequest:
+        _refuse_unimplemented(payload)
+        req: CompletionRequest = _validate(CompletionRequest, payload)
+        if history is not None:
+            raise InvalidRequest("a stateful session continues with 'inputs' or 'messages', not a completions 'prompt'")
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if len(prompts) != 1:
+            raise InvalidRequest(
+                f"'prompt' has {len(prompts)} entries: this server completes one prompt per request "
+                "(send a string or a one-element list)"
+            )
+        prompt = prompts[0]
+        if not prompt:
+            raise InvalidRequest("Invalid request payload: 'prompt' must be a non-empty string")
+        if req.echo and req.logprobs is not None:
+            raise InvalidRequest("'echo' together with 'logprobs' is not supported (prompt log-probs): drop one of them")
+        self._check_top_tokens(req.logprobs or 0, "logprobs")
+        ids = self._tokens(prompt, add_special_tokens=True)
+        temperature = 1.0 if req.temperature is None else float(req.temperature)
+        stream = req.stream or force_stream
+        output = OutputOptions(
+            kind="completion",
+            stream=stream,
+            formatter=self._openai_formatter(stream, wanted),
+            inputs=prompt,
+            model=req.model or self.config.model_name,
+            logprobs=req.logprobs is not None,
+            top_logprobs=req.logprobs or 0,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            echo=req.echo,
+        )
+        params = _sampling_params(
+            max_new_tokens=self._max_new_tokens(req.max_tokens, DEFAULT_COMPLETION_TOKENS, len(ids), "max_tokens"),
+            do_sample=temperature > 0,
+            temperature=temperature,
+            top_k=req.top_k,
+            top_p=req.top_p,
+            repetition_penalty=req.repetition_penalty,
+            frequency_penalty=req.frequency_penalty,
+            presence_penalty=req.presence_penalty,
+            seed=req.seed,
+            stop_sequences=_stop_list(req.stop, "stop"),
+            ignore_eos=req.ignore_eos,
+            top_n_tokens=req.logprobs or 0,
+            output=output,
+            prompt_lookup_num_tokens=self._prompt_lookup(req.prompt_lookup_num_tokens, "prompt_lookup_num_tokens"),
+        )
+        return ParsedRequest(GenerationRequest(request_id, ids, params, prompt), output)
+
     def _parse_chat(
         self, payload: dict[str, Any], request_id: str, force_stream: bool, wanted: ResponseFormat | None,
         history: History | None,
     ) -> ParsedRequest:
+        _refuse_unimplemented(payload)
         req: ChatCompletionRequest = _validate(ChatCompletionRequest, payload)
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(req, name):
-                raise InvalidRequest(f"'{name}' is not supported: expected 0 or absent (use 'repetition_penalty')")
         if self.chat_template is None:
             raise InvalidRequest("this model has no chat template: send an LMI body with 'inputs' instead of 'messages'")
         messages = [
@@ -376,8 +471,7 @@ class RequestParser:
         temperature = 1.0 if req.temperature is None else float(req.temperature)
         top_n = (req.top_logprobs or 0) if req.logprobs else 0
         stream = req.stream or force_stream
-        jsonlines = (wanted or self.config.output_formatter) == "jsonlines"
-        formatter = "jsonlines" if jsonlines and stream else ("sse" if stream else "json")
+        formatter = self._openai_formatter(stream, wanted)
         output = OutputOptions(
             kind="chat",
             stream=stream,
@@ -397,6 +491,8 @@ class RequestParser:
             top_k=req.top_k,
             top_p=req.top_p,
             repetition_penalty=req.repetition_penalty,
+            frequency_penalty=req.frequency_penalty,
+            presence_penalty=req.presence_penalty,
             seed=req.seed,
             stop_sequences=_stop_list(req.stop, "stop"),
             ignore_eos=req.ignore_eos,

@@ -82,6 +82,8 @@ class SessionReply:
     headers: dict[str, str]
 
 
+# A route's translation of its own request body into the schema RequestParser reads.
+PayloadAdapter = Callable[[dict[str, Any]], dict[str, Any]]
 # Called once when a generation ends: with its output text and last event if it finished, else with None.
 OnEnd = Callable[[tuple[str, TokenEvent] | None], None]
 
@@ -149,12 +151,12 @@ class Generation:
             metrics.generated_tokens.inc(count)
             metrics.e2e.observe(time.monotonic() - self._arrived)
 
-    async def chunks(self) -> AsyncIterator[str]:
-        """Formatted chunks as tokens arrive; raises MidStreamError if the engine fails part-way."""
+    async def frames(self) -> AsyncIterator[str]:
+        """Formatted frames (one complete wire event each) as tokens arrive; raises MidStreamError if the
+        engine fails part-way."""
         async for event in self._all_events():
-            chunk = self.formatter.on_event(event)
-            if chunk:
-                yield chunk
+            for frame in self.formatter.on_event(event):
+                yield frame
 
     async def body(self) -> bytes:
         async for event in self._all_events():
@@ -258,15 +260,18 @@ class InferenceService:
 
     async def start(
         self, body: bytes, content_type: str | None, request_id: str, force_stream: bool = False,
-        accept: str | None = None, session_id: str | None = None,
+        accept: str | None = None, session_id: str | None = None, adapt: PayloadAdapter | None = None,
     ) -> Generation | SessionReply:
         """Parse, admit, and wait for the first token; or answer a session control request. `session_id` is
-        the X-Amzn-SageMaker-Session-Id header. Every failure here is a ServiceError."""
+        the X-Amzn-SageMaker-Session-Id header; `adapt` turns another API's decoded body (TGI's) into the
+        schema the parser reads. Every failure here is a ServiceError."""
         arrived = time.monotonic()
         if self.state is not ModelState.HEALTHY:
             raise not_ready(self.config.model_name, self.state)
         try:
             payload = decode_body(body, content_type)
+            if adapt is not None:
+                payload = adapt(payload)
         except InvalidRequest as exc:
             raise ServiceError(exc.status, str(exc)) from None
         session = await self._session(payload, session_id)

@@ -13,7 +13,14 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from llm_endpoint.server.serving import Generation, InferenceService, MidStreamError, ServiceError, SessionReply
+from llm_endpoint.server.serving import (
+    Generation,
+    InferenceService,
+    MidStreamError,
+    PayloadAdapter,
+    ServiceError,
+    SessionReply,
+)
 from llm_endpoint.server.sessions import SESSION_HEADER
 
 log = logging.getLogger(__name__)
@@ -92,24 +99,26 @@ async def complete_or_abort(request: Request, generation: Generation) -> bytes |
 
 
 async def lmi_stream(generation: Generation) -> AsyncIterator[str]:
-    """LMI chunks; closing the generation is GenerationStream's job."""
+    """LMI frames; closing the generation is GenerationStream's job."""
     try:
-        async for chunk in generation.chunks():
-            yield chunk
+        async for frame in generation.frames():
+            yield frame
     except MidStreamError as exc:
         log.warning("request %s failed mid-stream: %s", generation.parsed.generation.request_id, exc)
-        yield generation.formatter.on_error(str(exc))
+        for frame in generation.formatter.on_error(str(exc)):
+            yield frame
 
 
 async def start_generation(
-    service: InferenceService, request: Request, force_stream: bool = False, accept: str | None = None
+    service: InferenceService, request: Request, force_stream: bool = False, accept: str | None = None,
+    adapt: PayloadAdapter | None = None,
 ) -> Generation | SessionReply:
     """Parse and wait for the first token (or answer a session control request); a client that leaves
     while still queued is dropped from the queue rather than keeping its place (raises ClientGone)."""
     body = await read_body(request, service.config.max_request_size, service.config.body_read_timeout)
     starting = asyncio.ensure_future(service.start(
         body, request.headers.get("content-type"), request.state.request_id, force_stream, accept,
-        request.headers.get(SESSION_HEADER),
+        request.headers.get(SESSION_HEADER), adapt,
     ))
     watcher = asyncio.ensure_future(wait_for_disconnect(request))
     try:

@@ -235,3 +235,192 @@ def test_chat_stream_through_invocations_is_sse_with_done(server) -> None:
     assert events[-1] == "data: [DONE]"
     chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == ANSWER
+
+
+# ---- openai: models and (legacy) completions --------------------------------------------------------------------
+
+
+def lmi_greedy(server, prompt: str, max_new_tokens: int) -> dict:
+    """The same greedy generation through LMI's own schema, with details: the reference for completions."""
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, "do_sample": False, "details": True}}
+    return requests.post(server.url + "/invocations", json=body, timeout=120).json()
+
+
+def test_openai_models_list(oai, server) -> None:
+    model_name = requests.get(server.url + "/ping", timeout=10).json().popitem()[0]
+    models = list(oai.models.list())
+    assert [m.id for m in models] == [model_name]
+    assert models[0].object == "model"
+    assert oai.models.retrieve(model_name).id == model_name
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("no-such-model")
+
+
+def test_openai_completion_matches_lmi_greedy(oai, server, tokenizer) -> None:
+    res = oai.completions.create(model="m", prompt=PROMPT, max_tokens=12, temperature=0, seed=7, user="someone")
+    reference = lmi_greedy(server, PROMPT, 12)
+    assert res.object == "text_completion"
+    assert res.choices[0].text == reference["generated_text"]
+    assert res.choices[0].finish_reason == ("length" if reference["details"]["finish_reason"] == "length" else "stop")
+    assert res.usage.prompt_tokens == len(tokenizer(PROMPT)["input_ids"])
+    assert res.usage.completion_tokens == reference["details"]["generated_tokens"]
+    # a one-element list is the same prompt
+    listed = oai.completions.create(model="m", prompt=[PROMPT], max_tokens=12, temperature=0)
+    assert listed.choices[0].text == res.choices[0].text
+
+
+def test_openai_completion_stream(oai, server) -> None:
+    chunks = list(oai.completions.create(model="m", prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
+                                         stream_options={"include_usage": True}))
+    with_choices = [c for c in chunks if c.choices]
+    assert len(with_choices) >= 6  # token by token
+    assert "".join(c.choices[0].text for c in with_choices) == lmi_greedy(server, PROMPT, 12)["generated_text"]
+    assert [c.choices[0].finish_reason for c in with_choices][-1] == "length"
+    assert all(c.choices[0].finish_reason is None for c in with_choices[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+
+
+def test_openai_completion_echo_and_stop(oai, server) -> None:
+    reference = lmi_greedy(server, PROMPT, 12)["generated_text"]
+    echoed = oai.completions.create(model="m", prompt=PROMPT, max_tokens=12, temperature=0, echo=True)
+    assert echoed.choices[0].text == PROMPT + reference
+    streamed = oai.completions.create(model="m", prompt=PROMPT, max_tokens=12, temperature=0, echo=True, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == PROMPT + reference
+    stop = reference.split()[2]  # a word the greedy answer reaches
+    stopped = oai.completions.create(model="m", prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop])
+    assert stopped.choices[0].text == reference[: reference.index(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_openai_completion_logprobs(oai, server, backend) -> None:
+    if backend in NO_TOP_TOKENS:
+        with pytest.raises(openai.APIStatusError) as err:
+            oai.completions.create(model="m", prompt=PROMPT, max_tokens=4, logprobs=2)
+        assert err.value.status_code == 424 and "logprobs" in str(err.value.body)
+        return
+    res = oai.completions.create(model="m", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=2)
+    lp = res.choices[0].logprobs
+    reference = lmi_greedy(server, PROMPT, 8)["details"]["tokens"]
+    assert lp.tokens == [t["text"] for t in reference]
+    assert lp.token_logprobs == pytest.approx([t["log_prob"] for t in reference], abs=1e-4)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    for chosen, chosen_lp, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert 1 <= len(top) <= 2
+        assert max(top.values()) == pytest.approx(chosen_lp, abs=1e-6)  # greedy: the chosen token is the likeliest
+        assert top.get(chosen) == pytest.approx(chosen_lp, abs=1e-6) or chosen not in top
+    streamed = [c.choices[0].logprobs for c in oai.completions.create(
+        model="m", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=2, stream=True)]
+    assert [t for s in streamed for t in s.tokens] == lp.tokens
+    assert [o for s in streamed for o in s.text_offset] == lp.text_offset
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"n": 2}, "'n'"),
+        ({"best_of": 2}, "best_of"),
+        ({"suffix": "!"}, "suffix"),
+        ({"logit_bias": {"50256": -100}}, "logit_bias"),
+        ({"prompt": [PROMPT, PROMPT]}, "prompt"),
+    ],
+)
+def test_openai_completion_unsupported_fields_are_424_naming_them(oai, kwargs: dict, field: str) -> None:
+    with pytest.raises(openai.APIStatusError) as err:
+        oai.completions.create(**{"model": "m", "prompt": PROMPT, "max_tokens": 4, **kwargs})
+    assert err.value.status_code == 424 and field in str(err.value.body)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+    ],
+)
+def test_openai_chat_unimplemented_fields_are_424_naming_them(oai, kwargs: dict, field: str) -> None:
+    """Never a plain-text 200 that silently ignored what was asked."""
+    with pytest.raises(openai.APIStatusError) as err:
+        oai.chat.completions.create(model="m", messages=QUESTION, max_tokens=4, **kwargs)
+    assert err.value.status_code == 424 and field in str(err.value.body)
+    # their neutral values are fine
+    ok = oai.chat.completions.create(model="m", messages=QUESTION, max_tokens=4, response_format={"type": "text"},
+                                     tool_choice="none", user="u")
+    assert ok.choices[0].message.content
+
+
+# ---- TGI's own routes at the server root ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tgi_root_client(tgi_server) -> InferenceClient:
+    return InferenceClient(base_url=tgi_server.url, timeout=120)
+
+
+def test_tgi_root_text_generation(tgi_root_client, tgi_client) -> None:
+    """InferenceClient(base_url=root) posts to `/`; it answers what /invocations answers."""
+    text = tgi_root_client.text_generation(PROMPT, max_new_tokens=10)
+    assert text == tgi_client.text_generation(PROMPT, max_new_tokens=10)
+    stream = list(tgi_root_client.text_generation(PROMPT, max_new_tokens=10, stream=True))
+    assert len(stream) == 10 and "".join(stream) == text
+    out = tgi_root_client.text_generation(PROMPT, max_new_tokens=10, details=True, stop=[text.split()[1]])
+    assert out.details.finish_reason == "stop_sequence"
+    assert out.generated_text == text[: text.index(text.split()[1])]
+
+
+def test_tgi_generate_and_generate_stream(tgi_server, tgi_root_client) -> None:
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 6}}
+    res = requests.post(tgi_server.url + "/generate", json={**body, "stream": True}, timeout=120)
+    assert res.status_code == 200 and res.headers["content-type"] == "application/json"
+    generated = res.json()
+    assert set(generated) == {"generated_text"}  # TGI: an object, details only when asked
+    assert generated["generated_text"] == tgi_root_client.text_generation(PROMPT, max_new_tokens=6)
+    detailed = requests.post(tgi_server.url + "/generate", json={"inputs": PROMPT, "parameters": {
+        "max_new_tokens": 6, "details": True}}, timeout=120).json()
+    assert detailed["details"]["generated_tokens"] == len(detailed["details"]["tokens"]) == 6
+    res = requests.post(tgi_server.url + "/generate_stream", json=body, timeout=120)
+    assert res.headers["content-type"] == "text/event-stream"
+    events = [json.loads(e[len("data:"):]) for e in res.text.split("\n\n") if e]
+    assert len(events) == 6
+    assert events[-1]["generated_text"] == generated["generated_text"] == "".join(e["token"]["text"] for e in events)
+    assert all("logprob" in e["token"] for e in events)
+
+
+def test_tgi_routes_are_absent_without_tgi_compat(server) -> None:
+    assert requests.post(server.url + "/generate", json={"inputs": PROMPT}, timeout=30).status_code == 404
+
+
+# ---- frequency and presence penalties -------------------------------------------------------------------------
+
+REPETITIVE = "one one one one one one one one one one"
+
+
+def penalized_greedy_reference(hf_model, prompt_ids: list[int], steps: int, frequency: float, presence: float) -> list[int]:
+    """Greedy ids from transformers with OpenAI's penalties applied by hand: logit[j] -= frequency * count[j]
+    + presence * (count[j] > 0), counting the output's tokens only."""
+    ids = torch.tensor([prompt_ids])
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = hf_model(ids).logits[0, -1].float()
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.numel()).float()
+            nxt = int(torch.argmax(logits - frequency * counts - presence * (counts > 0).float()))
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return out
+
+
+def test_openai_frequency_and_presence_penalties(oai, backend, tokenizer, hf_model) -> None:
+    kwargs = dict(model="m", prompt=REPETITIVE, max_tokens=12, temperature=0)
+    plain = oai.completions.create(**kwargs).choices[0].text
+    penalized = oai.completions.create(frequency_penalty=1.5, presence_penalty=0.5, **kwargs).choices[0].text
+    assert penalized != plain  # greedy continues the repetition unless the penalties change its choices
+    if backend != "openvino":  # OpenVINO GenAI applies its own (native) variant of the two penalties
+        ref = penalized_greedy_reference(hf_model, tokenizer(REPETITIVE)["input_ids"], 12, 1.5, 0.5)
+        assert penalized == tokenizer.decode(ref)
+    # negative values encourage repetition: at least as many repeats of the most common output token
+    encouraged = oai.completions.create(frequency_penalty=-1.0, **kwargs).choices[0].text
+    assert encouraged.split().count("one") >= penalized.split().count("one")
+    chat = oai.chat.completions.create(model="m", messages=QUESTION, max_tokens=8, temperature=0,
+                                       frequency_penalty=1.0, presence_penalty=1.0)
+    assert chat.choices[0].message.content

@@ -38,10 +38,26 @@ def chat(stream: bool = False, formatter: str = "sse", **kw: Any) -> OutputOptio
     return OutputOptions(kind="chat", stream=stream, formatter=formatter, inputs=PROMPT, model="m", **kw)
 
 
+def assert_one_event(frame: str, framing: str) -> None:
+    if framing == "sse":
+        assert frame.startswith("data: ") and frame.endswith("\n\n") and frame.count("\n\n") == 1, frame
+        if frame != "data: [DONE]\n\n":
+            json.loads(frame[len("data: "):])
+    elif framing == "jsonlines":
+        assert frame.endswith("\n") and frame.count("\n") == 1, frame
+        json.loads(frame)
+    else:
+        json.loads(frame)
+
+
 def feed(options: OutputOptions, events: list[TokenEvent]) -> tuple[list[str], bytes]:
-    """Chunks `on_event` returned, one per event, and `body()`; the two must always agree."""
+    """What `on_event` returned, joined per event, and `body()`; the two must always agree, and every frame is
+    one complete event (a JSON line, an SSE event or the whole body)."""
     fmt = make_formatter(options, "req-1")
-    chunks = [fmt.on_event(e) for e in events]
+    frames = [fmt.on_event(e) for e in events]
+    for frame in (f for per_event in frames for f in per_event):
+        assert_one_event(frame, fmt.framing)
+    chunks = ["".join(per_event) for per_event in frames]
     body = fmt.body()
     assert body == "".join(chunks).encode()
     return chunks, body
@@ -189,7 +205,7 @@ def test_sse_tgi_compat_fmt() -> None:
 def test_lmi_error_chunk(formatter: str, expected: str) -> None:
     fmt = make_formatter(lmi(formatter), "req-1")
     fmt.on_event(TokenEvent(HE))
-    assert fmt.on_error("exception occurred during rolling batch inference") == expected
+    assert fmt.on_error("exception occurred during rolling batch inference") == [expected]
 
 
 # --------------------------------------------------------------------------------------- selection
@@ -341,8 +357,8 @@ def test_chat_jsonlines_has_no_done() -> None:
 
 def test_chat_error_chunk() -> None:
     error = '{"error": {"message": "boom", "type": "server_error", "param": null, "code": 424}}'
-    assert make_formatter(chat(stream=True), "r").on_error("boom") == f"data: {error}\n\ndata: [DONE]\n\n"
-    assert make_formatter(chat(stream=True, formatter="jsonlines"), "r").on_error("boom") == error + "\n"
+    assert make_formatter(chat(stream=True), "r").on_error("boom") == [f"data: {error}\n\n", "data: [DONE]\n\n"]
+    assert make_formatter(chat(stream=True, formatter="jsonlines"), "r").on_error("boom") == [error + "\n"]
 
 
 # ---------------------------------------------------------------------- real clients over local HTTP
@@ -385,7 +401,7 @@ def canned_server() -> Iterator[tuple[str, Canned]]:
 def serve(canned: Canned, options: OutputOptions, events: list[TokenEvent], error: str | None = None) -> None:
     fmt = make_formatter(options, "req-1")
     canned.content_type = fmt.content_type
-    canned.chunks = [fmt.on_event(e) for e in events] + ([fmt.on_error(error)] if error else [])
+    canned.chunks = [f for e in events for f in fmt.on_event(e)] + (fmt.on_error(error) if error else [])
 
 
 def test_openai_client_reads_chat_stream(canned_server: tuple[str, Canned]) -> None:

@@ -148,6 +148,40 @@ def test_stream_call_streams_without_stream_flag(smr) -> None:
     assert lines[-1]["details"]["finish_reason"] in ("length", "eos_token")
 
 
+def test_stream_call_with_accept_json_streams_one_line_per_part(smr) -> None:
+    """Accept='application/json' (common in published snippets) still streams: one JSON line per PayloadPart,
+    one part per token, as LMI chooses its formatter by the stream flag rather than by Accept."""
+    response = smr.invoke_endpoint_with_response_stream(
+        EndpointName=ENDPOINT, Body=lmi_body(8, ignore_eos_token=True), ContentType="application/json",
+        Accept="application/json",
+    )
+    assert response["ContentType"] == "application/jsonlines"
+    parts = payload_parts(response)
+    assert len(parts) == 8
+    assert all(part.endswith(b"\n") and part.count(b"\n") == 1 for part in parts), parts
+    lines = [json.loads(part) for part in parts]
+    assert all("token" in line for line in lines)
+    assert lines[-1]["generated_text"] == "".join(line["token"]["text"] for line in lines)
+    whole = read_json(smr.invoke_endpoint(EndpointName=ENDPOINT, Body=lmi_body(8, ignore_eos_token=True),
+                                          Accept="application/json"))
+    assert whole["generated_text"] == lines[-1]["generated_text"]
+
+
+def test_stream_call_chat_body_sends_one_sse_event_per_part(smr) -> None:
+    """The role chunk, each content chunk and `[DONE]` each travel in their own PayloadPart."""
+    body = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 6,
+            "temperature": 0, "stream": True}
+    response = smr.invoke_endpoint_with_response_stream(EndpointName=ENDPOINT, Body=json.dumps(body))
+    assert response["ContentType"] == "text/event-stream"
+    parts = payload_parts(response)
+    assert all(p.startswith(b"data: ") and p.endswith(b"\n\n") and p.count(b"\n\n") == 1 for p in parts), parts
+    assert parts[-1] == b"data: [DONE]\n\n"
+    chunks = [json.loads(p[len(b"data: "):]) for p in parts[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert len(chunks) == 1 + body["max_tokens"]  # the role chunk, then one per token (none empty here)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
 def test_stream_call_target_variant_and_inference_id(smr) -> None:
     response = smr.invoke_endpoint_with_response_stream(
         EndpointName=ENDPOINT, Body=lmi_body(2), TargetVariant="Canary", InferenceId="stream-0042"

@@ -14,7 +14,14 @@ from llm_endpoint.backends.errors import BackendError
 from llm_endpoint.backends.torch_engine.block_cache import BlockAllocator, OutOfBlocks, PagedKVCache, slot_mapping
 from llm_endpoint.backends.torch_engine.engine import kv_cache_blocks
 from llm_endpoint.backends.torch_engine.forward_batch import ForwardBatch, Span
-from llm_endpoint.backends.torch_engine.sampling import RowFailure, RowSample, sample_rows
+from llm_endpoint.backends.torch_engine.sampling import (
+    RowFailure,
+    RowSample,
+    Seen,
+    apply_output_penalties,
+    sample_rows,
+    verify_drafts,
+)
 from llm_endpoint.backends.torch_engine.scheduler import Scheduler
 from llm_endpoint.backends.torch_engine.sequence import Sequence, Status
 from llm_endpoint.backends.types import GenerationRequest, SamplingParams, TokenEvent
@@ -127,7 +134,7 @@ def _logits(rows: int, seed: int = 0) -> torch.Tensor:
 
 def _draw(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int | None]) -> list[RowSample | RowFailure]:
     generators = [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
-    histories = [torch.tensor([1, 2, 3]) if p.repetition_penalty != 1.0 else None for p in params]
+    histories = [Seen(torch.tensor([1, 2, 3]), 1) if p.penalizes else None for p in params]
     return sample_rows(logits, params, histories, generators)
 
 
@@ -154,6 +161,37 @@ def test_seeded_sampling_repeats_and_seeds_differ() -> None:
     again = _draw(logits, [SAMPLED] * 64, list(range(64)))
     assert [s.token_id for s in first] == [s.token_id for s in again]  # type: ignore[union-attr]
     assert len({s.token_id for s in first}) > 1  # type: ignore[union-attr]
+
+
+def test_output_penalties_follow_openais_definition() -> None:
+    """logit[j] -= frequency * count[j] + presence * (count[j] > 0), over output tokens only."""
+    scores = torch.zeros(6)
+    apply_output_penalties(scores, torch.tensor([1, 1, 3, 1]), frequency=0.5, presence=0.25)
+    assert scores.tolist() == [0.0, -1.75, 0.0, -0.75, 0.0, 0.0]
+    scores = torch.ones(4)
+    apply_output_penalties(scores, torch.tensor([2]), frequency=-1.0, presence=-0.5)  # negative ones encourage
+    assert scores.tolist() == [1.0, 1.0, 2.5, 1.0]
+
+
+def test_frequency_and_presence_penalties_count_output_tokens_not_the_prompt() -> None:
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 2], logits[0, 9] = 1.0, 0.5  # token 2 leads by 0.5
+    params = SamplingParams(frequency_penalty=0.4, presence_penalty=0.2)  # 0.6 once seen in the output
+    in_prompt = sample_rows(logits, [params], [Seen(torch.tensor([2, 2, 7]), 3)], [None])[0]
+    in_output = sample_rows(logits, [params], [Seen(torch.tensor([7, 2]), 1)], [None])[0]
+    assert isinstance(in_prompt, RowSample) and in_prompt.token_id == 2
+    assert isinstance(in_output, RowSample) and in_output.token_id == 9
+    # the reported log-prob is still the model's own
+    assert in_output.log_prob == pytest.approx(float(torch.log_softmax(logits[0], -1)[9]))
+
+
+def test_draft_verification_penalizes_accepted_drafts_as_output() -> None:
+    """A draft token accepted at one position counts as output at the next, as it would one step at a time."""
+    logits = torch.zeros(2, VOCAB)
+    logits[:, 4], logits[:, 5] = 1.0, 0.8  # the model prefers 4 at both positions
+    params = SamplingParams(presence_penalty=0.5)
+    out = verify_drafts(logits, (4,), params, Seen(torch.tensor([1]), 1), None)
+    assert isinstance(out, list) and [s.token_id for s in out] == [4, 5]  # 4 accepted, then penalized
 
 
 @pytest.mark.parametrize("poison", [

@@ -114,6 +114,8 @@ def generation_settings(request: GenerationRequest, max_new_tokens: int, max_ngr
         "max_new_tokens": max_new_tokens,
         "ignore_eos": params.ignore_eos,
         "repetition_penalty": params.repetition_penalty,
+        "frequency_penalty": params.frequency_penalty,
+        "presence_penalty": params.presence_penalty,
         # 1 = the chosen token's log-prob, from the raw distribution; GenAI returns no top-n alternatives.
         "logprobs": 1,
         "echo": params.prompt_logprobs,

@@ -81,7 +81,7 @@ class ModelRunner:
             rows = torch.tensor([s.offset + s.count - 1 for _, s in sampling], device=self._device)
             seqs = [r.chunk.seq for r, _ in sampling]
             params = [s.request.params for s in seqs]
-            histories = [s.history() if p.repetition_penalty != 1.0 else None for s, p in zip(seqs, params)]
+            histories = [s.history() if p.penalizes else None for s, p in zip(seqs, params)]
             samples = sample_rows(self._logits(hidden[rows]), params, histories, [s.generator for s in seqs])
             for (result, _), sample in zip(sampling, samples):
                 result.sample = sample if isinstance(sample, RowFailure) else [sample]
@@ -92,7 +92,7 @@ class ModelRunner:
         params = seq.request.params
         first = span.offset + chunk.fed - 1  # the prediction after the sequence's last token, then each draft's
         logits = self._logits(hidden[first : span.offset + span.count])
-        history = seq.history() if params.repetition_penalty != 1.0 else None
+        history = seq.history() if params.penalizes else None
         result.sample = verify_drafts(logits, chunk.draft, params, history, seq.generator)
 
     def _prompt_logprobs(self, results: list[ChunkResult], spans: list[Span], hidden: torch.Tensor) -> None:

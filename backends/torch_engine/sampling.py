@@ -1,7 +1,8 @@
 """Choose the next token for every row of a batch, each row with its own parameters and RNG.
 
 Order and semantics follow transformers' generate (repetition penalty, then temperature, top-k, top-p),
-so greedy output matches it token for token. Reported log-probs come from the raw logits, before any of
+so greedy output matches it token for token; OpenAI's frequency and presence penalties come right after the
+repetition penalty, as vLLM applies them. Reported log-probs come from the raw logits, before any of
 that: they are the model's own distribution, which is what LMI users average into a confidence score.
 
 A row that cannot be sampled (non-finite logits from the model, or probabilities its parameters made
@@ -27,6 +28,24 @@ class RowSample:
 @dataclass
 class RowFailure:
     reason: str
+
+
+@dataclass(frozen=True)
+class Seen:
+    """The tokens a sequence holds so far (prompt, then output), for the penalties that depend on them."""
+
+    ids: torch.Tensor
+    prompt_len: int
+
+    def extended(self, accepted: tuple[int, ...]) -> Seen:
+        return Seen(torch.cat((self.ids, torch.tensor(accepted, dtype=torch.long))), self.prompt_len)
+
+
+def apply_output_penalties(scores: torch.Tensor, output: torch.Tensor, frequency: float, presence: float) -> None:
+    """In place, OpenAI's definition: logit[j] -= frequency * count[j] + presence * (count[j] > 0), counting
+    output tokens only."""
+    counts = torch.bincount(output, minlength=scores.numel())[: scores.numel()].to(scores.dtype)
+    scores -= frequency * counts + presence * (counts > 0).to(scores.dtype)
 
 
 def apply_repetition_penalty(scores: torch.Tensor, history: torch.Tensor, penalty: float) -> None:
@@ -62,13 +81,13 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
 def sample_rows(
     logits: torch.Tensor,
     params: list[SamplingParams],
-    histories: list[torch.Tensor | None],
+    histories: list[Seen | None],
     generators: list[torch.Generator | None],
 ) -> list[RowSample | RowFailure]:
-    """`logits` is [rows, vocab] fp32; `histories[i]` holds row i's prompt+output ids when it needs them."""
+    """`logits` is [rows, vocab] fp32; `histories[i]` holds row i's tokens when its penalties need them."""
     finite = torch.isfinite(logits.sum(dim=-1)).tolist()  # a NaN or inf anywhere makes the row's sum one
     raw_logprobs = torch.log_softmax(logits, dim=-1)
-    greedy_plain = [i for i, p in enumerate(params) if p.greedy and p.repetition_penalty == 1.0 and finite[i]]
+    greedy_plain = [i for i, p in enumerate(params) if p.greedy and not p.penalizes and finite[i]]
     chosen: dict[int, int] = {}
     failed: dict[int, RowFailure] = {}
     if greedy_plain:
@@ -98,21 +117,26 @@ def sample_rows(
     return [failed[i] if i in failed else RowSample(chosen[i], chosen_logprobs[i], tops[i]) for i in range(len(params))]
 
 
-def _penalized(scores: torch.Tensor, params: SamplingParams, history: torch.Tensor | None) -> torch.Tensor:
-    if params.repetition_penalty != 1.0 and history is not None and history.numel():
-        apply_repetition_penalty(scores, history, params.repetition_penalty)
+def _penalized(scores: torch.Tensor, params: SamplingParams, history: Seen | None) -> torch.Tensor:
+    if history is None:
+        return scores
+    if params.repetition_penalty != 1.0 and history.ids.numel():
+        apply_repetition_penalty(scores, history.ids, params.repetition_penalty)
+    output = history.ids[history.prompt_len :]
+    if (params.frequency_penalty or params.presence_penalty) and output.numel():
+        apply_output_penalties(scores, output, params.frequency_penalty, params.presence_penalty)
     return scores
 
 
 def _choose(
-    scores: torch.Tensor, params: SamplingParams, history: torch.Tensor | None, generator: torch.Generator | None
+    scores: torch.Tensor, params: SamplingParams, history: Seen | None, generator: torch.Generator | None
 ) -> int:
     scores = _penalized(scores, params, history)
     return int(scores.argmax().item()) if params.greedy else _draw(_warped_probs(scores, params), generator)
 
 
 def verify_drafts(
-    logits: torch.Tensor, draft: tuple[int, ...], params: SamplingParams, history: torch.Tensor | None,
+    logits: torch.Tensor, draft: tuple[int, ...], params: SamplingParams, history: Seen | None,
     generator: torch.Generator | None,
 ) -> list[RowSample] | RowFailure:
     """The tokens one verification pass yields: `logits` [len(draft)+1, vocab] fp32 are the model's
@@ -122,20 +146,17 @@ def verify_drafts(
     token where they part (or after the last draft). Sampling keeps the output distribution exactly
     (speculative sampling with a deterministic draft): draft token d is accepted with probability p(d) under
     the row's warped distribution p; on rejection the token is drawn from p without d, renormalized, and
-    the pass ends. The repetition penalty sees each accepted token before the next position, as it would
-    one step at a time. Log-probs are the raw model's at each position."""
+    the pass ends. The penalties see each accepted token before the next position, as they would one step
+    at a time. Log-probs are the raw model's at each position."""
     if not bool(torch.isfinite(logits.sum(dim=-1)).all()):
         return RowFailure("the model produced non-finite logits for this request")
     raw_logprobs = torch.log_softmax(logits, dim=-1)
     out: list[RowSample] = []
-    plain_greedy = params.greedy and params.repetition_penalty == 1.0
+    plain_greedy = params.greedy and not params.penalizes
     best = logits.argmax(dim=-1).tolist() if plain_greedy else []  # every position's choice at once
     try:
         for i in range(len(draft) + 1):
-            seen = history
-            if params.repetition_penalty != 1.0 and i:
-                accepted = torch.tensor(draft[:i], dtype=torch.long)
-                seen = accepted if history is None else torch.cat((history, accepted))
+            seen = history.extended(draft[:i]) if history is not None and i else history
             proposed = draft[i] if i < len(draft) else None
             if plain_greedy:
                 choice = best[i]

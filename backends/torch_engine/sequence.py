@@ -10,6 +10,7 @@ import torch
 
 from llm_endpoint.backends.text import TextAssembler
 from llm_endpoint.backends.torch_engine.prompt_lookup import NgramProposer
+from llm_endpoint.backends.torch_engine.sampling import Seen
 from llm_endpoint.backends.types import GenerationRequest, Token, TokenEvent
 
 Deliver = Callable[[TokenEvent | BaseException], None]
@@ -64,8 +65,9 @@ class Sequence:
         """Tokens not yet fed to the model: the prompt (or, after preemption, everything) or the last output."""
         return len(self.tokens) - self.computed
 
-    def history(self) -> torch.Tensor:
-        return torch.tensor(self.tokens, dtype=torch.long)
+    def history(self) -> Seen:
+        """The tokens so far, for the penalties that depend on them."""
+        return Seen(torch.tensor(self.tokens, dtype=torch.long), self.num_prompt)
 
     def reset_cache(self) -> None:
         """Forget the cache (preemption): every token is fed again, nothing emitted is lost."""

@@ -38,13 +38,36 @@ def _logprob(token: Token) -> dict[str, Any]:
     return {"token": token.text, "logprob": token.log_prob, "bytes": list(token.text.encode())}
 
 
-class _ChatFormatter(BufferedFormatter):
-    """What chat bodies and chunks share: identity, finish reasons, logprobs, usage and the error event."""
+class OpenAIFormatter(BufferedFormatter):
+    """What OpenAI chat and completions bodies and chunks share: identity, finish reasons, usage, stream
+    chunks and their end, and the error event."""
+
+    ID_PREFIX = "chatcmpl-"
+    CHUNK_OBJECT = "chat.completion.chunk"
 
     def __init__(self, options: OutputOptions, request_id: str) -> None:
         super().__init__(options, request_id)
-        self.completion_id = f"chatcmpl-{request_id}"
+        self.completion_id = f"{self.ID_PREFIX}{request_id}"
         self.created = int(time.time())
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        """One stream chunk; with `include_usage` every chunk has `"usage": null` but the last, as OpenAI
+        documents."""
+        chunk: dict[str, Any] = {
+            "id": self.completion_id,
+            "object": self.CHUNK_OBJECT,
+            "created": self.created,
+            "model": self.options.model,
+            "choices": choices,
+        }
+        if self.options.include_usage:
+            chunk["usage"] = usage
+        return frame(dumps(chunk), self.framing)
+
+    def _stream_end(self) -> list[str]:
+        """After the last token: the usage chunk (no choices) when asked for, then `[DONE]` on SSE."""
+        out = [self._chunk([], self._usage())] if self.options.include_usage else []
+        return out + [SSE_DONE] if self.framing == "sse" else out
 
     def _finish_reason(self) -> str | None:
         reason = self.transcript.finish_reason
@@ -58,7 +81,7 @@ class _ChatFormatter(BufferedFormatter):
         prompt, completion = self.transcript.prompt_tokens, len(self.transcript.tokens)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def on_error(self, message: str) -> str:
+    def on_error(self, message: str) -> list[str]:
         """An OpenAI error object, `{"error": {"message", "type", "param", "code"}}`.
 
         The openai client raises `APIError(message)` for a stream event with an `error` key, but takes the
@@ -68,24 +91,24 @@ class _ChatFormatter(BufferedFormatter):
         """
         error = {"message": message, "type": "server_error", "param": None, "code": ERROR_CODE}
         chunk = frame(dumps({"error": error}), self.framing)
-        return chunk + SSE_DONE if self.framing == "sse" else chunk
+        return [chunk, SSE_DONE] if self.framing == "sse" else [chunk]
 
 
-class ChatCompletionFormatter(_ChatFormatter):
+class ChatCompletionFormatter(OpenAIFormatter):
     """Non-streaming: one `chat.completion` object once generation ends."""
 
     @staticmethod
     def _framing(options: OutputOptions) -> ResponseFormat:
         return "json"
 
-    def _render(self, event: TokenEvent) -> str:
+    def _render(self, event: TokenEvent) -> list[str]:
         if not event.finished:
-            return ""
+            return []
         t = self.transcript
         logprobs = None
         if self.options.logprobs:
             logprobs = {"content": [self._logprobs_content(tok, top) for tok, top in zip(t.tokens, t.top_tokens)]}
-        return dumps({
+        return [dumps({
             "id": self.completion_id,
             "object": "chat.completion",
             "created": self.created,
@@ -97,10 +120,10 @@ class ChatCompletionFormatter(_ChatFormatter):
                 "finish_reason": self._finish_reason(),
             }],
             "usage": self._usage(),
-        })
+        })]
 
 
-class ChatChunkFormatter(_ChatFormatter):
+class ChatChunkFormatter(OpenAIFormatter):
     """Streaming `chat.completion.chunk`s as SSE (ending in `[DONE]`) or JSON lines (no `[DONE]`).
 
     The first chunk carries only the role, as OpenAI's and vLLM's do. A token whose text is still pending
@@ -110,23 +133,11 @@ class ChatChunkFormatter(_ChatFormatter):
 
     _framing = staticmethod(stream_framing)
 
-    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
-        chunk: dict[str, Any] = {
-            "id": self.completion_id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.options.model,
-            "choices": choices,
-        }
-        if self.options.include_usage:
-            chunk["usage"] = usage
-        return frame(dumps(chunk), self.framing)
-
     @staticmethod
     def _choice(delta: dict[str, str], logprobs: dict[str, Any] | None, finish_reason: str | None) -> dict[str, Any]:
         return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
-    def _render(self, event: TokenEvent) -> str:
+    def _render(self, event: TokenEvent) -> list[str]:
         out: list[str] = []
         if len(self.transcript.tokens) == 1:
             out.append(self._chunk([self._choice({"role": "assistant", "content": ""}, None, None)]))
@@ -136,8 +147,5 @@ class ChatChunkFormatter(_ChatFormatter):
                 logprobs = {"content": [self._logprobs_content(event.token, event.top_tokens)]}
             out.append(self._chunk([self._choice({"content": event.token.text}, logprobs, self._finish_reason())]))
         if event.finished:
-            if self.options.include_usage:
-                out.append(self._chunk([], self._usage()))
-            if self.framing == "sse":
-                out.append(SSE_DONE)
-        return "".join(out)
+            out += self._stream_end()
+        return out

@@ -76,7 +76,7 @@ class Transcript:
 class BufferedFormatter(ResponseFormatter):
     """Keeps what `on_event` returned, so `body()` is exactly the streamed bytes.
 
-    A whole-body formatter returns "" until the final event and then the complete body (as LMI's `json`
+    A whole-body formatter returns no frame until the final event and then the complete body (as LMI's `json`
     formatter does); a streaming one returns its chunks. Either way the response is the same whether the
     server streams it or sends `body()`, so the choice of transport can never change the bytes.
     """
@@ -86,24 +86,24 @@ class BufferedFormatter(ResponseFormatter):
         self.framing = self._framing(options)
         self.content_type = CONTENT_TYPES[self.framing]
         self.transcript = Transcript()
-        self._chunks: list[str] = []
+        self._frames: list[str] = []
 
-    def on_event(self, event: TokenEvent) -> str:
+    def on_event(self, event: TokenEvent) -> list[str]:
         self.transcript.add(event)
-        chunk = self._render(event)
-        self._chunks.append(chunk)
-        return chunk
+        frames = self._render(event)
+        self._frames.extend(frames)
+        return frames
 
     def body(self) -> bytes:
-        return "".join(self._chunks).encode()
+        return "".join(self._frames).encode()
 
     @staticmethod
     @abc.abstractmethod
     def _framing(options: OutputOptions) -> ResponseFormat: ...
 
     @abc.abstractmethod
-    def _render(self, event: TokenEvent) -> str:
-        """The response text for `event`; the transcript already includes it."""
+    def _render(self, event: TokenEvent) -> list[str]:
+        """The frames for `event` (one complete wire event each); the transcript already includes it."""
 
 
 class _LmiFormatter(BufferedFormatter):
@@ -148,7 +148,7 @@ class _LmiFormatter(BufferedFormatter):
             details["top_tokens"] = [[self._token(token) for token in top] for top in t.top_tokens]
         return details
 
-    def on_error(self, message: str) -> str:
+    def on_error(self, message: str) -> list[str]:
         """The object LMI's front end writes when generation fails: `{"error":msg,"code":424}`.
 
         It is compact because LMI's Java side (GSON) writes it. Unlike LMI, which appends it to a stream with
@@ -157,7 +157,7 @@ class _LmiFormatter(BufferedFormatter):
         `data:` event (huggingface_hub raises on such an event). `json` gets the bare object, LMI's error body.
         """
         payload = json.dumps({"error": message, "code": ERROR_CODE}, ensure_ascii=False, separators=(",", ":"))
-        return frame(payload, self.framing)
+        return [frame(payload, self.framing)]
 
 
 class LmiJsonFormatter(_LmiFormatter):
@@ -167,14 +167,14 @@ class LmiJsonFormatter(_LmiFormatter):
     def _framing(options: OutputOptions) -> ResponseFormat:
         return "json"
 
-    def _render(self, event: TokenEvent) -> str:
+    def _render(self, event: TokenEvent) -> list[str]:
         if not event.finished:
-            return ""
+            return []
         result: dict[str, Any] = {"generated_text": self._generated_text()}
         details = self._details(include_tokens=True)
         if details:
             result["details"] = details
-        return dumps([result] if self.options.tgi_compat else result)
+        return [dumps([result] if self.options.tgi_compat else result)]
 
 
 class LmiStreamFormatter(_LmiFormatter):
@@ -185,11 +185,11 @@ class LmiStreamFormatter(_LmiFormatter):
 
     _framing = staticmethod(stream_framing)
 
-    def _render(self, event: TokenEvent) -> str:
+    def _render(self, event: TokenEvent) -> list[str]:
         line: dict[str, Any] = {"token": self._token(event.token)}
         if event.finished:
             line["generated_text"] = self._generated_text()
             details = self._details(include_tokens=False)
             if details:
                 line["details"] = details
-        return frame(dumps(line), self.framing)
+        return [frame(dumps(line), self.framing)]

@@ -78,12 +78,13 @@ def _check_request(endpoint: str, request: Request) -> dict[str, str]:
 
 
 async def _event_frames(generation: Generation) -> AsyncIterator[bytes]:
-    """One PayloadPart per formatter chunk; a failure after the first byte becomes a ModelStreamError
-    frame and the body then ends cleanly, so boto3 raises EventStreamError instead of a broken read.
-    Closing the generation is GenerationStream's job."""
+    """One PayloadPart per formatter frame, so each part holds exactly one complete JSON line or SSE event
+    (LiteLLM and other readers decode each part on its own); a failure after the first byte becomes a
+    ModelStreamError frame and the body then ends cleanly, so boto3 raises EventStreamError instead of a
+    broken read. Closing the generation is GenerationStream's job."""
     try:
-        async for chunk in generation.chunks():
-            yield payload_part(chunk.encode("utf-8"))
+        async for frame in generation.frames():
+            yield payload_part(frame.encode("utf-8"))
     except MidStreamError as exc:
         log.warning("request %s failed mid-stream: %s", generation.parsed.generation.request_id, exc)
         yield model_stream_error(str(exc))
