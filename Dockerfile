@@ -51,11 +51,15 @@ FROM ${BASE_IMAGE} AS optimum
 ARG TORCH_INDEX_URL=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # The CPU torch wheel from the same index as the server's, before optimum-intel would pull a CUDA one; then
-# out with torchvision / torchaudio / torchcodec, CUDA builds from PyPI that the converter does not use.
+# optimum-intel with torch==2.13.0 named again (as scripts/setup.sh): optimum-intel requires an unpinned
+# torchvision, whose newest release requires a newer torch, and pip would replace the CPU torch with a CUDA
+# build from PyPI plus its nvidia-* wheels (seen in a buildah build). Pinned, pip keeps the installed CPU torch
+# and takes the torchvision release for 2.13.0. Then out with torchvision / torchaudio / torchcodec, builds
+# from PyPI that the converter does not use.
 RUN python -m venv /opt/optimum-venv \
     && /opt/optimum-venv/bin/pip install --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}" \
         torch==2.13.0 \
-    && /opt/optimum-venv/bin/pip install "optimum-intel[openvino]==2.2.0" \
+    && /opt/optimum-venv/bin/pip install torch==2.13.0 "optimum-intel[openvino]==2.2.0" \
     && /opt/optimum-venv/bin/pip uninstall -y torchvision torchaudio torchcodec \
     && /opt/optimum-venv/bin/optimum-cli export openvino --help > /dev/null
 

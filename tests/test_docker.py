@@ -229,7 +229,10 @@ def test_cpu_image_carries_the_optimum_converter_in_its_own_venv(tmp_path: Path)
     step = step.replace("optimum-cli export openvino --help > /dev/null", "true")
     calls = run_step(step, tmp_path)
     assert calls[0] == f"install --index-url https://download.pytorch.org/whl/cpu torch=={torch_pin}"
-    assert calls[1] == f"install {pin.strip(chr(34))}"
+    # torch named again beside optimum-intel, as scripts/setup.sh does: unpinned, optimum-intel's torchvision
+    # pulls a newer (CUDA) torch over the CPU one.
+    assert f'"torch=={torch_pin}" {pin}' in (ROOT / "scripts" / "setup.sh").read_text()
+    assert calls[1] == f"install torch=={torch_pin} {pin.strip(chr(34))}"
     assert calls[2].startswith("uninstall -y torchvision")
     assert "/opt/optimum-venv/bin/optimum-cli" in build  # smoke-run at build time
 
