@@ -420,8 +420,19 @@ class RequestParser:
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             echo=req.echo,
         )
-        params = _sampling_params(
-            max_new_tokens=self._max_new_tokens(req.max_tokens, DEFAULT_COMPLETION_TOKENS, len(ids), "max_tokens"),
+        params = self._openai_sampling(
+            req, self._max_new_tokens(req.max_tokens, DEFAULT_COMPLETION_TOKENS, len(ids), "max_tokens"),
+            temperature, req.logprobs or 0, output,
+        )
+        return ParsedRequest(GenerationRequest(request_id, ids, params, prompt), output)
+
+    def _openai_sampling(
+        self, req: ChatCompletionRequest | CompletionRequest, max_new_tokens: int, temperature: float, top_n: int,
+        output: OutputOptions,
+    ) -> SamplingParams:
+        """Chat and completions bodies share OpenAI's sampling fields; temperature 0 is greedy."""
+        return _sampling_params(
+            max_new_tokens=max_new_tokens,
             do_sample=temperature > 0,
             temperature=temperature,
             top_k=req.top_k,
@@ -432,11 +443,10 @@ class RequestParser:
             seed=req.seed,
             stop_sequences=_stop_list(req.stop, "stop"),
             ignore_eos=req.ignore_eos,
-            top_n_tokens=req.logprobs or 0,
+            top_n_tokens=top_n,
             output=output,
             prompt_lookup_num_tokens=self._prompt_lookup(req.prompt_lookup_num_tokens, "prompt_lookup_num_tokens"),
         )
-        return ParsedRequest(GenerationRequest(request_id, ids, params, prompt), output)
 
     def _parse_chat(
         self, payload: dict[str, Any], request_id: str, force_stream: bool, wanted: ResponseFormat | None,
@@ -482,23 +492,10 @@ class RequestParser:
             top_logprobs=top_n,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
         )
-        params = _sampling_params(
-            max_new_tokens=self._max_new_tokens(
-                req.max_completion_tokens or req.max_tokens, self.max_model_len, len(ids), "max_tokens"
-            ),
-            do_sample=temperature > 0,
-            temperature=temperature,
-            top_k=req.top_k,
-            top_p=req.top_p,
-            repetition_penalty=req.repetition_penalty,
-            frequency_penalty=req.frequency_penalty,
-            presence_penalty=req.presence_penalty,
-            seed=req.seed,
-            stop_sequences=_stop_list(req.stop, "stop"),
-            ignore_eos=req.ignore_eos,
-            top_n_tokens=top_n,
-            output=output,
-            prompt_lookup_num_tokens=self._prompt_lookup(req.prompt_lookup_num_tokens, "prompt_lookup_num_tokens"),
+        params = self._openai_sampling(
+            req, self._max_new_tokens(req.max_completion_tokens or req.max_tokens, self.max_model_len, len(ids),
+                                      "max_tokens"),
+            temperature, top_n, output,
         )
         turn = Turn("chat", messages=tuple(messages)) if history is not None else None
         return ParsedRequest(GenerationRequest(request_id, ids, params, prompt), output, turn)
