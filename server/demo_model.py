@@ -10,9 +10,11 @@ directory serves a container running as another uid.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -76,7 +78,9 @@ def _convert(gguf: Path, out_dir: Path) -> None:
 def _make_world_readable(path: Path) -> None:
     """Directories 0755, files 0644: the model is read by whichever uid serves it, not only by its writer."""
     for entry in (path, *path.rglob("*")):  # a file's rglob is empty
-        entry.chmod(0o755 if entry.is_dir() else 0o644)
+        mode = 0o755 if entry.is_dir() else 0o644
+        if stat.S_IMODE(entry.stat().st_mode) != mode:
+            entry.chmod(mode)
 
 
 def _make_dirs(path: Path) -> None:
@@ -90,6 +94,9 @@ def prepare_demo_model(cache_dir: Path) -> Path:
     """Return the demo model's HF directory under `cache_dir`, creating it on first use."""
     target = demo_model_dir(cache_dir)
     if (target / _READY).exists():
+        # One prepared by an earlier release kept transformers' 0600 weights; mend it where we may.
+        with contextlib.suppress(OSError):
+            _make_world_readable(target)
         return target
     _make_dirs(target.parent)
     with FileLock(str(target.parent / ".prepare.lock")):

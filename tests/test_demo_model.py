@@ -108,6 +108,11 @@ def test_two_concurrent_runs_prepare_one_model_and_a_third_is_instant(shared_tmp
     (model_dir / "model.safetensors").chmod(0o600)
     failure = _load_as_nobody(model_dir)
     assert failure.startswith("ModelFilesError") and "model.safetensors (mode 0600, owner uid 0)" in failure, failure
+    # a model left 0600 (as an earlier release prepared it) is mended the next time it is asked for
+    fourth = _run_demo_model(shared_tmp)
+    assert fourth.communicate(timeout=120) and fourth.returncode == 0
+    assert stat.S_IMODE((model_dir / "model.safetensors").stat().st_mode) == 0o644
+    assert _load_as_nobody(model_dir) == "ok"
 
 
 def test_the_prepared_model_is_a_loadable_hf_directory(model_dir: Path) -> None:
