@@ -117,10 +117,26 @@ def test_a_long_decode_row_does_not_pad_the_short_ones() -> None:
     spans = [Span(i, 1, n - 1, list(range(-(-n // 16)))) for i, n in enumerate(lengths)]
     batch = ForwardBatch.build(spans, [[1]] * len(spans), block_size=16, group=3, dtype=torch.float32,
                                device=torch.device("cpu"))
-    groups = [(g.start, g.stop, g.tables.shape[1]) for g in batch.decode_groups]
+    groups = [(g.start, g.stop, g.tables.shape[1]) for g in batch.groups]
     assert groups == [(0, 4, 3), (4, 5, 500)]
-    first = batch.decode_groups[0]
+    first = batch.groups[0]
     assert (first.mask[:, 0, 0] == 0).sum(dim=-1).tolist() == lengths[:4]  # each row sees its own length
+
+
+def test_spans_of_equal_token_count_attend_together_each_query_seeing_up_to_itself() -> None:
+    """Drafts to verify (here 3 tokens a span) batch like decode rows, with a causal mask per span and per
+    query head of a key/value group; a different count or a long prefill chunk starts its own group."""
+    spans, offset = [], 0
+    for count, start in [(1, 9), (3, 4), (3, 30), (2, 7), (100, 0)]:
+        spans.append(Span(offset, count, start, list(range(-(-(start + count) // 16)))))
+        offset += count
+    batch = ForwardBatch.build(spans, [[1] * s.count for s in spans], block_size=16, group=3,
+                               dtype=torch.float32, device=torch.device("cpu"))
+    assert [(g.start, g.stop, g.count) for g in batch.groups] == [(0, 1, 1), (1, 7, 3), (7, 9, 2), (9, 109, 100)]
+    drafts = batch.groups[1]
+    assert drafts.mask.shape == (2, 1, 9, 48)
+    seen = (drafts.mask[:, 0] == 0).sum(dim=-1)  # [spans, group*count]: head h of query i is row h*3+i
+    assert seen.tolist() == [[5, 6, 7] * 3, [31, 32, 33] * 3]
 
 
 # ---- sampler -------------------------------------------------------------------------------------

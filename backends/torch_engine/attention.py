@@ -2,7 +2,7 @@
 fallback (registered through transformers' public AttentionInterface).
 
 Grouped-query heads are folded into the query axis, so one key/value head serves its whole group with no
-`repeat_kv` copy; decode rows attend in groups of similar length, each prefill chunk on its own.
+`repeat_kv` copy; spans attend in the groups `ForwardBatch` made (same token count, similar length).
 """
 
 from __future__ import annotations
@@ -23,19 +23,13 @@ def attend(cache: PagedKVCache, batch: ForwardBatch, layer: int, query: torch.Te
     kv_heads = cache.num_kv_heads
     group = heads // kv_heads
     out = query.new_empty(query.shape)
-    for rows in batch.decode_groups:
+    for rows in batch.groups:
         keys, values = cache.gather(layer, rows.tables)
-        n = rows.stop - rows.start
-        folded = query[rows.start : rows.stop].view(n, kv_heads, group, dim)
-        out[rows.start : rows.stop] = F.scaled_dot_product_attention(
-            folded, keys, values, attn_mask=rows.mask, scale=scale).view(n, heads, dim)
-    for span in batch.prefills:
-        keys, values = cache.gather(layer, span.tables)
-        c = span.count
-        q = query[span.offset : span.offset + c].view(c, kv_heads, group, dim).permute(1, 2, 0, 3)
-        o = F.scaled_dot_product_attention(q.reshape(1, kv_heads, group * c, dim), keys, values,
-                                           attn_mask=span.mask, scale=scale)
-        out[span.offset : span.offset + c] = o.view(kv_heads, group, c, dim).permute(2, 0, 1, 3).reshape(c, heads, dim)
+        n, c = rows.tables.shape[0], rows.count
+        q = query[rows.start : rows.stop].view(n, c, kv_heads, group, dim).permute(0, 2, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q.reshape(n, kv_heads, group * c, dim), keys, values,
+                                           attn_mask=rows.mask, scale=scale)
+        out[rows.start : rows.stop] = o.view(n, kv_heads, group, c, dim).permute(0, 3, 1, 2, 4).reshape(n * c, heads, dim)
     return out
 
 

@@ -58,10 +58,9 @@ class ModelRunner:
         return self._forward.rotary
 
     def execute(self, chunks: list[Chunk]) -> list[ChunkResult]:
-        """Results follow the order the model saw the chunks in: single tokens first, by ascending length (for
-        `ForwardBatch`'s decode groups), then the multi-token ones (prefill, drafts to verify)."""
-        singles = sorted((c for c in chunks if c.count == 1), key=lambda c: c.seq.cache_len)
-        chunks = singles + [c for c in chunks if c.count != 1]
+        """Results follow the order the model saw the chunks in: by token count (decode rows, then drafts to
+        verify and prefill chunks), then ascending length, so `ForwardBatch` groups runs of them."""
+        chunks = sorted(chunks, key=lambda c: (c.count, c.seq.cache_len))
         spans: list[Span] = []
         offset = 0
         for chunk in chunks:
@@ -73,27 +72,37 @@ class ModelRunner:
         hidden = self._forward(batch, self.cache)
         results = [ChunkResult(c) for c in chunks]
         self._prompt_logprobs(results, spans, hidden)
+        self._draw(results, spans, hidden)
+        return results
+
+    def _draw(self, results: list[ChunkResult], spans: list[Span], hidden: torch.Tensor) -> None:
+        """Sample the next token of each chunk that reaches its sequence's end, and verify each draft, from
+        one pass of the LM head: it reads the whole embedding matrix (tens of MB), so a call per drafting row
+        would cost more than the row's attention."""
         sampling = [(r, s) for r, s in zip(results, spans) if r.chunk.samples and not r.chunk.draft]
-        for result, span in zip(results, spans):
-            if result.chunk.draft:
-                self._verify(result, span, hidden)
+        drafting = [(r, s) for r, s in zip(results, spans) if r.chunk.draft]
+        rows = [s.offset + s.count - 1 for _, s in sampling]
+        for result, span in drafting:
+            # the prediction after the sequence's last token, then each draft token's
+            rows.extend(range(span.offset + result.chunk.fed - 1, span.offset + span.count))
+        if not rows:
+            return
+        logits = self._logits(hidden[torch.tensor(rows, device=self._device)])
         if sampling:
-            rows = torch.tensor([s.offset + s.count - 1 for _, s in sampling], device=self._device)
             seqs = [r.chunk.seq for r, _ in sampling]
             params = [s.request.params for s in seqs]
             histories = [s.history() if p.penalizes else None for s, p in zip(seqs, params)]
-            samples = sample_rows(self._logits(hidden[rows]), params, histories, [s.generator for s in seqs])
+            samples = sample_rows(logits[: len(sampling)], params, histories, [s.generator for s in seqs])
             for (result, _), sample in zip(sampling, samples):
                 result.sample = sample if isinstance(sample, RowFailure) else [sample]
-        return results
-
-    def _verify(self, result: ChunkResult, span: Span, hidden: torch.Tensor) -> None:
-        chunk, seq = result.chunk, result.chunk.seq
-        params = seq.request.params
-        first = span.offset + chunk.fed - 1  # the prediction after the sequence's last token, then each draft's
-        logits = self._logits(hidden[first : span.offset + span.count])
-        history = seq.history() if params.penalizes else None
-        result.sample = verify_drafts(logits, chunk.draft, params, history, seq.generator)
+        at = len(sampling)
+        for result, _ in drafting:
+            chunk, seq = result.chunk, result.chunk.seq
+            params = seq.request.params
+            history = seq.history() if params.penalizes else None
+            result.sample = verify_drafts(logits[at : at + len(chunk.draft) + 1], chunk.draft, params, history,
+                                          seq.generator)
+            at += len(chunk.draft) + 1
 
     def _prompt_logprobs(self, results: list[ChunkResult], spans: list[Span], hidden: torch.Tensor) -> None:
         for result, span in zip(results, spans):
