@@ -3,7 +3,8 @@
 input-grounded prompts (repeat or edit a passage of CPython's `pydoc_data/topics.py`) and open-ended ones,
 at concurrency 1 and 16, in one run on the demo model.
 
-Each (backend, prompt lookup on/off) is one server (`option.prompt_lookup_num_tokens=K` or 0), driven by
+Each (backend, prompt lookup on/off) is one server (`option.prompt_lookup_num_tokens=K` or 0), both up at
+once; every level runs `--repeats` times on each, the arms alternating, and the median is reported. Driven by
 closed-loop clients (LMI streaming body, greedy, `--new-tokens` tokens with ignore_eos). Reported: output
 tokens/s, the ratio to the same backend without drafts, and for our engine the acceptance rate (accepted
 / proposed drafts, `llm_draft_tokens_total`) and the mean tokens per verification step. The OpenVINO rows
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -92,6 +94,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--model-dir")
     parser.add_argument("--log-dir", default="/tmp/bench_prompt_lookup_logs")
+    parser.add_argument("--prompts", default="grounded,open-ended")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each level per arm, alternating arms")
+    parser.add_argument("--requests-per-level", type=int, default=0, help="default: twice max(prompts, c)")
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.model_dir:
@@ -104,30 +109,45 @@ def main() -> None:
 
         model_dir = prepare_demo_model(cache_root(os.environ))
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    sets = prompts(tokenizer)
+    sets = {kind: texts for kind, texts in prompts(tokenizer).items() if kind in args.prompts.split(",")}
     levels = [int(c) for c in args.concurrency.split(",")]
     Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for backend in args.backends.split(","):
-        for k in (0, args.k):
-            server = start_server(model_dir, {"prompt_lookup_num_tokens": str(k)}, Path(args.log_dir), backend)
-            try:
+        # both servers up at once and their levels interleaved, so drift on a shared machine hits both arms
+        servers = {k: start_server(model_dir, {"prompt_lookup_num_tokens": str(k)}, Path(args.log_dir), backend)
+                   for k in (0, args.k)}
+        try:
+            for server in servers.values():
                 _one(server.url, "warm-up", 4)
-                for kind, texts in sets.items():
-                    for c in levels:
-                        before = _drafts(server.url)
-                        result = _level(server.url, texts, c, max(len(texts), c), args.new_tokens)
-                        after = _drafts(server.url)
-                        proposed = after["proposed"] - before["proposed"]
-                        accepted = after["accepted"] - before["accepted"]
-                        row = {"backend": backend, "k": k, "prompts": kind, "concurrency": c, **result,
+            for kind, texts in sets.items():
+                for c in levels:
+                    runs: dict[int, list[dict[str, float]]] = {k: [] for k in servers}
+                    for rep in range(args.repeats):
+                        for k in sorted(servers, reverse=bool(rep % 2)):
+                            url = servers[k].url
+                            before = _drafts(url)
+                            result = _level(url, texts, c, args.requests_per_level or 2 * max(len(texts), c),
+                                            args.new_tokens)
+                            after = _drafts(url)
+                            result.update({key: after[key] - before[key] for key in after})
+                            runs[k].append(result)
+                    for k, results in runs.items():
+                        proposed = sum(r["proposed"] for r in results)
+                        accepted = sum(r["accepted"] for r in results)
+                        tokens = sum(r["tokens"] for r in results)
+                        row = {"backend": backend, "k": k, "prompts": kind, "concurrency": c,
+                               "tok_s": statistics.median(r["tok_s"] for r in results),
+                               "tok_s_runs": [round(r["tok_s"], 1) for r in results],
                                "acceptance": accepted / proposed if proposed else None,
-                               "tokens_per_step": result["tokens"] / (result["tokens"] - accepted) if proposed else None}
+                               "tokens_per_step": tokens / (tokens - accepted) if proposed else None}
                         rows.append(row)
                         print(f"[pld] {row}", file=sys.stderr, flush=True)
-            finally:
+        finally:
+            for server in servers.values():
                 server.stop()
     base = {(r["backend"], r["prompts"], r["concurrency"]): r["tok_s"] for r in rows if r["k"] == 0}
+    print("\ntok/s: the median of --repeats runs per arm, the arms' runs alternating")
     print("\n| backend | prompts | c | prompt lookup | tok/s | vs off | acceptance | tokens/step |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -225,27 +225,51 @@ def test_the_per_request_parameter_and_its_refusals(servers: ServerPool, backend
     assert _generate(url, GROUNDED, 4, prompt_lookup_num_tokens=4).status_code == 200
 
 
-def test_beside_other_rows_a_sequence_whose_drafts_fail_drafts_only_now_and_then() -> None:
+def test_beside_other_rows_a_sequence_drafts_only_as_far_as_its_record_pays() -> None:
     from llm_endpoint.backends.torch_engine.block_cache import BlockAllocator
-    from llm_endpoint.backends.torch_engine.scheduler import DRAFT_PROBE_EVERY, DRAFT_TRIAL_TOKENS, Scheduler
+    from llm_endpoint.backends.torch_engine.scheduler import Scheduler
     from llm_endpoint.backends.torch_engine.sequence import Sequence
     from llm_endpoint.backends.types import GenerationRequest
 
-    scheduler = Scheduler(BlockAllocator(64, 4), max_running=4, prefill_tokens=64)
+    scheduler = Scheduler(BlockAllocator(256, 4), max_running=16, prefill_tokens=64)
     tokens = [1, 2, 3, 1, 2, 3, 1, 2]  # always a match: drafts [3, 1, 2, ...]
     seqs = []
-    for name in ("a", "b"):
-        request = GenerationRequest(name, tuple(tokens), SamplingParams(max_new_tokens=100, prompt_lookup_num_tokens=3))
+    for i in range(16):
+        request = GenerationRequest(str(i), tuple(tokens), SamplingParams(max_new_tokens=100, prompt_lookup_num_tokens=3))
         seq = Sequence(request=request, deliver=lambda e: None, assembler=None, generator=None,  # type: ignore[arg-type]
                        proposer=NgramProposer(3))
         seq.computed = seq.cache_len = len(tokens) - 1
         scheduler.running.append(seq)
         seqs.append(seq)
-    failing, good = seqs
-    failing.drafted, failing.accepted = DRAFT_TRIAL_TOKENS, 0
-    good.drafted, good.accepted = DRAFT_TRIAL_TOKENS, DRAFT_TRIAL_TOKENS
-    drafts = [len(scheduler._draft(failing)) for _ in range(2 * DRAFT_PROBE_EVERY)]
-    assert drafts.count(0) == 2 * DRAFT_PROBE_EVERY - 2 and max(drafts) == 3
-    assert all(len(scheduler._draft(good)) == 3 for _ in range(4))
-    scheduler.running.remove(good)  # alone, it drafts every step
-    assert all(len(scheduler._draft(failing)) == 3 for _ in range(4))
+    failing, good = seqs[:2]
+    for _ in range(20):
+        failing.draft_odds.record(0, 3)
+        good.draft_odds.record(3, 3)
+    assert scheduler._draft(failing) == () and failing.draft_odds.shadow == 3  # scored in the shadow
+    assert scheduler._draft(good) == (3, 1, 2)
+    fresh = seqs[2]  # the prior (one in two) does not pay beside 15 others...
+    assert scheduler._draft(fresh) == ()
+    for _ in range(3):  # ...until its shadow drafts keep coming true, which costs nothing
+        fresh.draft_odds.record_shadow(3)
+        fresh.draft_odds.shadow = 3
+    assert len(scheduler._draft(fresh)) >= 2
+    del scheduler.running[2:]  # beside one other row, even a middling record drafts, if less far
+    failing.draft_odds = type(failing.draft_odds)(hits=1, misses=1)
+    assert 0 < len(scheduler._draft(failing)) < len(scheduler._draft(good)) == 3
+    for _ in range(20):
+        failing.draft_odds.record(0, 3)
+    scheduler.running.remove(good)  # alone, it drafts every step whatever its record
+    assert scheduler._draft(failing) == (3, 1, 2)
+
+
+def test_the_worthwhile_draft_length_shrinks_with_the_batch_and_the_record() -> None:
+    from llm_endpoint.backends.torch_engine.prompt_lookup import DraftOdds
+
+    lengths = {(rate, batch): DraftOdds(hits=rate, misses=1 - rate).length(8, batch)
+               for rate in (0.2, 0.6, 0.9, 1.0) for batch in (1, 2, 4, 16, 64)}
+    assert all(lengths[rate, 1] == 8 for rate in (0.2, 0.6, 0.9, 1.0))
+    for rate in (0.2, 0.6, 0.9):
+        assert [lengths[rate, b] for b in (2, 4, 16, 64)] == sorted((lengths[rate, b] for b in (2, 4, 16, 64)), reverse=True)
+    for batch in (2, 4, 16, 64):
+        assert [lengths[r, batch] for r in (0.2, 0.6, 0.9)] == sorted(lengths[r, batch] for r in (0.2, 0.6, 0.9))
+    assert lengths[0.2, 16] == 0 and lengths[0.9, 16] > 0 and lengths[1.0, 64] == 8

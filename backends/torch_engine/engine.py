@@ -258,6 +258,10 @@ class TorchEngine:
         """One event per drawn token, in order, until the request finishes. Of a verified draft, the tokens
         accepted before the last one drawn were fed with it: their cache entries stand; the rest are cut."""
         seq.drafted += len(chunk.draft)
+        if chunk.draft:
+            seq.draft_odds.record(len(samples) - 1, len(chunk.draft))
+        elif seq.proposer is not None:
+            seq.draft_odds.record_shadow(samples[0].token_id)
         for i, sample in enumerate(samples):
             if i:  # an accepted draft token: its key/value were written by this step
                 seq.computed += 1

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llm_endpoint.backends.text import TextAssembler
-from llm_endpoint.backends.torch_engine.prompt_lookup import NgramProposer
+from llm_endpoint.backends.torch_engine.prompt_lookup import DraftOdds, NgramProposer
 from llm_endpoint.backends.torch_engine.sampling import Seen
 from llm_endpoint.backends.types import GenerationRequest, Token, TokenEvent
 
@@ -46,7 +46,7 @@ class Sequence:
     proposer: NgramProposer | None = None  # prompt lookup's drafts, when the request asked for them
     drafted: int = 0
     accepted: int = 0
-    draft_skips: int = 0  # steps the scheduler held its draft back (too few accepted beside other rows)
+    draft_odds: DraftOdds = field(default_factory=DraftOdds)  # whether drafting pays for this sequence
 
     def __post_init__(self) -> None:
         if not self.tokens:
