@@ -13,10 +13,14 @@ from dataclasses import dataclass
 
 DEFAULT_MAX_NGRAM = 3
 
-# How many tokens a step can verify, beside the batch's own, before they cost as much as the batch does:
-# t(tokens) ~ a + b * tokens with a / b about this, measured on the 2-core bench machine (a decode step
-# ~30 ms alone, ~63 ms with 16 rows; open-ended text at 16 streams lost 30% with unconditional drafts).
+# A step's time ~ a + b * tokens, with a / b (the tokens it verifies for the price of reading the weights
+# once) about this on the 2-core machines measured (a decode step ~30 ms alone, ~63 ms with 16 rows on a
+# Xeon; open-ended text at 16 streams lost 30% with unconditional drafts, still 8% with 16 here).
 STEP_TOKENS_PER_WEIGHT_READ = 8
+# Beside other rows a verification also costs a batched attention call per layer of its own, whatever its
+# length, so a sequence whose drafts hold less often than this does not draft at all (measured: open-ended
+# text at 16 streams, 2% of tokens drafted at ~50% acceptance, still lost 5-7%).
+MIN_RATE_BESIDE_OTHERS = 0.75
 # Weight of the past in a sequence's acceptance estimate (per verification), and its starting belief.
 ODDS_DECAY = 0.9
 ODDS_PRIOR = 0.5
@@ -55,8 +59,9 @@ class DraftOdds:
 
     Alone in a batch a step reads every weight anyway, so even a poor draft is nearly free; beside other
     rows each verified token costs compute the batch shares, so the i-th draft token is worth it only while
-    its chance of being used (rate ** i) beats that cost's share of the step. A sequence that does not
-    draft is still scored for free: the draft it would have proposed is checked against the token it got.
+    its chance of being used (rate ** i) beats that cost's share of the step, and a verification's own
+    attention call asks for a rate of at least MIN_RATE_BESIDE_OTHERS. A sequence that does not draft is
+    still scored for free: the draft it would have proposed is checked against the token it got.
     """
 
     hits: float = ODDS_PRIOR
@@ -82,6 +87,6 @@ class DraftOdds:
         if batch <= 1:
             return limit
         rate, cost = self.rate, batch / (batch + STEP_TOKENS_PER_WEIGHT_READ)
-        if rate <= cost:
+        if rate <= max(cost, MIN_RATE_BESIDE_OTHERS):
             return 0
         return min(limit, int(math.log(cost) / math.log(rate)) if rate < 1 else limit)
