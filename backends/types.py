@@ -90,6 +90,9 @@ class TokenEvent:
     cached_tokens: int = 0  # final event: prompt tokens whose KV the engine reused (session or prefix cache)
     draft_tokens: int = 0  # final event: prompt-lookup draft tokens proposed for the request
     accepted_draft_tokens: int = 0  # ... and how many of them verification kept
+    # Which of an OpenAI request's `n` / `best_of` candidates this token belongs to: engines yield 0, the
+    # server's fan-out (server/choices.py) tags each candidate's events.
+    choice: int = 0
 
     @property
     def finished(self) -> bool:

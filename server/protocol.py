@@ -20,6 +20,8 @@ MAX_SEED = 2**63 - 1
 MAX_STOP_SEQUENCES = 16
 MAX_TOP_N_TOKENS = 20
 MAX_PROMPT_LOOKUP_TOKENS = 64
+# OpenAI `n` and `best_of`: each candidate is a whole generation, so one request may ask for at most this many.
+MAX_CHOICES = 16
 # The smallest temperature that samples. Sampling divides the logits by the temperature, so a tiny one
 # (1e-45) overflows them to inf and the probabilities to NaN; vLLM silently clamps anything below 0.01 up to
 # it. One explicit floor, enforced here, keeps every backend identical: 0 means greedy, and anything else
@@ -50,6 +52,7 @@ def _in_range(low: float, high: float, *, greedy_zero: bool = False) -> Callable
 LmiTemperature = Annotated[Number, AfterValidator(_in_range(MIN_TEMPERATURE, 100, greedy_zero=True))]
 ChatTemperature = Annotated[Number, AfterValidator(_in_range(MIN_TEMPERATURE, 2, greedy_zero=True))]
 RepetitionPenalty = Annotated[Number, AfterValidator(_in_range(MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY))]
+Choices = Annotated[StrictInt, AfterValidator(_in_range(1, MAX_CHOICES))]
 
 
 class _Lenient(BaseModel):
@@ -77,6 +80,10 @@ class LmiParameters(_Lenient):
     top_n_tokens: StrictInt | None = Field(None, ge=0, le=MAX_TOP_N_TOKENS)
     ignore_eos_token: StrictBool | None = None
     prompt_lookup_num_tokens: StrictInt | None = Field(None, ge=0, le=MAX_PROMPT_LOOKUP_TOKENS)
+    # vLLM's, in LMI's schema; several sequences per request are not served on LMI bodies (only 1 is taken).
+    n: StrictInt | None = None
+    best_of: StrictInt | None = None
+    num_beams: StrictInt | None = None
 
 
 class LmiRequest(_Lenient):
@@ -110,7 +117,7 @@ class _OpenAIRequest(_Lenient):
     frequency_penalty: Number | None = Field(None, ge=-2, le=2)
     presence_penalty: Number | None = Field(None, ge=-2, le=2)
     repetition_penalty: RepetitionPenalty | None = None
-    n: StrictInt = Field(1, ge=1, le=1)
+    n: Choices = 1
     seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED)
     stop: StrictStr | list[StrictStr] | None = None
     stream: StrictBool = False
@@ -135,7 +142,7 @@ class CompletionRequest(_OpenAIRequest):
     prompt: StrictStr | list[StrictStr]
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_N_TOKENS)
     echo: StrictBool = False
-    best_of: StrictInt = Field(1, ge=1, le=1)
+    best_of: Choices | None = None
 
 
 @dataclass(frozen=True)
@@ -155,12 +162,14 @@ class OutputOptions:
     top_logprobs: int = 0
     include_usage: bool = False
     echo: bool = False  # completions: the prompt comes before the completion
+    n: int = 1  # OpenAI: the choices the response holds
+    candidates: int = 1  # ... and how many were generated to pick them from (`best_of`; at least n)
 
     @property
     def shows_token_logprobs(self) -> bool:
         """Whether the response carries each generated token's log-prob (engines may skip them otherwise):
         every LMI stream line and `details` do, a plain LMI JSON body does not; OpenAI bodies only with
-        `logprobs`."""
+        `logprobs`, or when `best_of` must rank candidates by them."""
         if self.kind != "lmi":
-            return self.logprobs
+            return self.logprobs or self.candidates > self.n  # best_of ranks candidates by their log-probs
         return self.formatter != "json" or self.details

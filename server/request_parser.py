@@ -269,7 +269,7 @@ class RequestParser:
         if count and not self.supports_top_tokens:
             raise InvalidRequest(
                 f"'{field}' is not supported by the {self.backend_name} backend (it reports only the chosen "
-                "token's log-prob): expected 0 or absent"
+                "token's log-prob; option.rolling_batch=scheduler and vllm report alternatives): expected 0 or absent"
             )
 
     def parse(
@@ -340,6 +340,12 @@ class RequestParser:
             formatter = default
         if p.decoder_input_details and stream:
             raise InvalidRequest("'decoder_input_details' cannot be used with streaming: set stream to false")
+        for name in ("n", "best_of", "num_beams"):
+            if getattr(p, name) not in (None, 1):
+                raise InvalidRequest(
+                    f"'parameters.{name}'={getattr(p, name)} is not supported on LMI bodies (one sequence per "
+                    "request): expected 1 or absent; OpenAI bodies (/v1/completions, /v1/chat/completions) take 'n'"
+                )
         self._check_top_tokens(p.top_n_tokens or 0, "parameters.top_n_tokens")
         if history is not None and history.kind == "chat":
             raise InvalidRequest("this session holds a chat conversation: continue it with 'messages', not 'inputs'")
@@ -403,12 +409,11 @@ class RequestParser:
         prompt = prompts[0]
         if not prompt:
             raise InvalidRequest("Invalid request payload: 'prompt' must be a non-empty string")
-        if req.echo and req.logprobs is not None:
-            raise InvalidRequest("'echo' together with 'logprobs' is not supported (prompt log-probs): drop one of them")
+        stream = req.stream or force_stream
         self._check_top_tokens(req.logprobs or 0, "logprobs")
+        candidates = self._choices(req.n, req.best_of, stream)
         ids = self._tokens(prompt, add_special_tokens=True)
         temperature = 1.0 if req.temperature is None else float(req.temperature)
-        stream = req.stream or force_stream
         output = OutputOptions(
             kind="completion",
             stream=stream,
@@ -419,16 +424,19 @@ class RequestParser:
             top_logprobs=req.logprobs or 0,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             echo=req.echo,
+            n=req.n,
+            candidates=candidates,
         )
         params = self._openai_sampling(
             req, self._max_new_tokens(req.max_tokens, DEFAULT_COMPLETION_TOKENS, len(ids), "max_tokens"),
             temperature, req.logprobs or 0, output,
+            prompt_logprobs=req.echo and req.logprobs is not None,  # the echoed prompt's tokens come with theirs
         )
         return ParsedRequest(GenerationRequest(request_id, ids, params, prompt), output)
 
     def _openai_sampling(
         self, req: ChatCompletionRequest | CompletionRequest, max_new_tokens: int, temperature: float, top_n: int,
-        output: OutputOptions,
+        output: OutputOptions, prompt_logprobs: bool = False,
     ) -> SamplingParams:
         """Chat and completions bodies share OpenAI's sampling fields; temperature 0 is greedy."""
         return _sampling_params(
@@ -445,8 +453,25 @@ class RequestParser:
             ignore_eos=req.ignore_eos,
             top_n_tokens=top_n,
             output=output,
+            prompt_logprobs=prompt_logprobs,
             prompt_lookup_num_tokens=self._prompt_lookup(req.prompt_lookup_num_tokens, "prompt_lookup_num_tokens"),
         )
+
+    @staticmethod
+    def _choices(n: int, best_of: int | None, stream: bool, in_session: bool = False) -> int:
+        """How many candidates to generate for `n` choices (`best_of`, when given, at least n), as OpenAI
+        rules: `best_of` picks after every candidate has finished, so it cannot stream."""
+        candidates = n if best_of is None else best_of
+        if candidates < n:
+            raise InvalidRequest(f"'best_of'={best_of} must be at least 'n'={n}: it is how many candidates the n "
+                                 "choices are picked from")
+        if stream and candidates > n:
+            raise InvalidRequest(f"'best_of'={best_of} cannot be used with streaming (the best {n} are known only "
+                                 "once all have finished): set stream to false or best_of to n")
+        if in_session and candidates > 1:
+            raise InvalidRequest(f"'n'={n} cannot continue a stateful session (only one reply can join its "
+                                 "history): expected 1 or absent")
+        return candidates
 
     def _parse_chat(
         self, payload: dict[str, Any], request_id: str, force_stream: bool, wanted: ResponseFormat | None,
@@ -477,10 +502,11 @@ class RequestParser:
         except Exception as exc:  # template errors are the client's message structure, e.g. roles out of order
             raise InvalidRequest(f"the messages do not fit the model's chat template: {exc}") from None
         self._check_top_tokens(req.top_logprobs or 0 if req.logprobs else 0, "top_logprobs")
+        stream = req.stream or force_stream
+        self._choices(req.n, None, stream, in_session=history is not None)
         ids = self._tokens(prompt, add_special_tokens=False)
         temperature = 1.0 if req.temperature is None else float(req.temperature)
         top_n = (req.top_logprobs or 0) if req.logprobs else 0
-        stream = req.stream or force_stream
         formatter = self._openai_formatter(stream, wanted)
         output = OutputOptions(
             kind="chat",
@@ -491,6 +517,8 @@ class RequestParser:
             logprobs=req.logprobs,
             top_logprobs=top_n,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            n=req.n,
+            candidates=req.n,
         )
         params = self._openai_sampling(
             req, self._max_new_tokens(req.max_completion_tokens or req.max_tokens, self.max_model_len, len(ids),

@@ -19,6 +19,7 @@ from llm_endpoint.backends.base import Backend, BackendStats
 from llm_endpoint.backends.config import ServingConfig
 from llm_endpoint.backends.errors import BackendError
 from llm_endpoint.backends.types import FinishReason, TokenEvent
+from llm_endpoint.server.choices import fan_out
 from llm_endpoint.server.formatters import make_formatter
 from llm_endpoint.server.formatters.base import ResponseFormatter
 from llm_endpoint.server.metrics import Metrics
@@ -124,24 +125,26 @@ class Generation:
         metrics.ttft.observe(last - self._arrived)
         event = self._first
         count = 1
+        unfinished = self.parsed.output.candidates  # every choice ends with its own finished event
         final: TokenEvent | None = None
         text = self._text
         try:
-            if text is not None:
-                text.append(event.token.text)
-            yield event
-            while not event.finished:
+            while True:
+                if text is not None:
+                    text.append(event.token.text)
+                if event.finished:
+                    unfinished -= 1
+                    metrics.draft_tokens.labels("proposed").inc(event.draft_tokens)
+                    metrics.draft_tokens.labels("accepted").inc(event.accepted_draft_tokens)
+                yield event
+                if not unfinished:
+                    break
                 event = await self._events.__anext__()
                 now = time.monotonic()
                 metrics.itl.observe(now - last)
                 last = now
                 count += 1
-                if text is not None:
-                    text.append(event.token.text)
-                yield event
             final = event
-            metrics.draft_tokens.labels("proposed").inc(event.draft_tokens)
-            metrics.draft_tokens.labels("accepted").inc(event.accepted_draft_tokens)
         except StopAsyncIteration:
             raise MidStreamError("the engine ended the request without a finish reason") from None
         except BackendError as exc:
@@ -341,7 +344,7 @@ class InferenceService:
                 parsed, generation=dataclasses.replace(parsed.generation, session_id=session.id))
         release = await self.admission.acquire(self.config.model_name)
         self.metrics.prompt_tokens.inc(len(parsed.generation.prompt_token_ids))
-        events = self.backend.generate(parsed.generation)
+        events = fan_out(self.backend, parsed.generation, parsed.output.candidates)
         try:
             first = await events.__anext__()
         except StopAsyncIteration:

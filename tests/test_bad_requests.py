@@ -148,7 +148,7 @@ CASES: dict[str, Case] = {
         {"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}]}]}, 424, ("messages.0.content",)),
     "chat-content-lone-surrogate": Case(b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', 424,
                                         ("content",)),
-    "chat-n-2": Case(chat(n=2), 424, ("'n'", "less than or equal to 1")),
+    "chat-n-17": Case(chat(n=17), 424, ("'n'", "must be between 1 and 16", "got 17")),
     "chat-temperature-3": Case(chat(temperature=3), 424, ("'temperature'", "must be 0 (greedy) or between 0.01 and 2")),
     "chat-temperature-below-floor": Case(chat(temperature=1e-45), 424,
                                          ("'temperature'", "must be 0 (greedy) or between 0.01 and 2", "got 1e-45")),

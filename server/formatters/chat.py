@@ -15,6 +15,7 @@ from llm_endpoint.backends.types import FinishReason, Token, TokenEvent
 from llm_endpoint.server.formatters.lmi import (
     ERROR_CODE,
     BufferedFormatter,
+    Transcript,
     dumps,
     frame,
     stream_framing,
@@ -69,16 +70,26 @@ class OpenAIFormatter(BufferedFormatter):
         out = [self._chunk([], self._usage())] if self.options.include_usage else []
         return out + [SSE_DONE] if self.framing == "sse" else out
 
-    def _finish_reason(self) -> str | None:
-        reason = self.transcript.finish_reason
+    @staticmethod
+    def _finish_reason(transcript: Transcript) -> str | None:
+        reason = transcript.finish_reason
         return FINISH_REASONS[reason] if reason else None
+
+    def _choices(self) -> list[Transcript]:
+        """The finished candidates the response returns, as choices 0..n-1: all of them, or with `best_of`
+        the n with the highest log-probability per token, best first (OpenAI's rule)."""
+        if self.options.candidates == self.options.n:
+            return self.transcripts
+        ranked = sorted(self.transcripts, key=lambda t: t.mean_log_prob, reverse=True)
+        return ranked[: self.options.n]
 
     def _logprobs_content(self, token: Token, top_tokens: list[Token]) -> dict[str, Any]:
         """One `logprobs.content[]` entry: the sampled token and the first `top_logprobs` alternatives."""
         return _logprob(token) | {"top_logprobs": [_logprob(t) for t in top_tokens[: self.options.top_logprobs]]}
 
     def _usage(self) -> dict[str, int]:
-        prompt, completion = self.transcript.prompt_tokens, len(self.transcript.tokens)
+        """Completion tokens count every candidate's, `best_of`'s unreturned ones too (they were generated)."""
+        prompt, completion = self.transcript.prompt_tokens, sum(len(t.tokens) for t in self.transcripts)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def on_error(self, message: str) -> list[str]:
@@ -102,50 +113,58 @@ class ChatCompletionFormatter(OpenAIFormatter):
         return "json"
 
     def _render(self, event: TokenEvent) -> list[str]:
-        if not event.finished:
+        if not self.all_finished:
             return []
-        t = self.transcript
-        logprobs = None
-        if self.options.logprobs:
-            logprobs = {"content": [self._logprobs_content(tok, top) for tok, top in zip(t.tokens, t.top_tokens)]}
         return [dumps({
             "id": self.completion_id,
             "object": "chat.completion",
             "created": self.created,
             "model": self.options.model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": t.text},
-                "logprobs": logprobs,
-                "finish_reason": self._finish_reason(),
-            }],
+            "choices": [self._choice(index, t) for index, t in enumerate(self._choices())],
             "usage": self._usage(),
         })]
+
+    def _choice(self, index: int, t: Transcript) -> dict[str, Any]:
+        logprobs = None
+        if self.options.logprobs:
+            logprobs = {"content": [self._logprobs_content(tok, top) for tok, top in zip(t.tokens, t.top_tokens)]}
+        return {
+            "index": index,
+            "message": {"role": "assistant", "content": t.text},
+            "logprobs": logprobs,
+            "finish_reason": self._finish_reason(t),
+        }
 
 
 class ChatChunkFormatter(OpenAIFormatter):
     """Streaming `chat.completion.chunk`s as SSE (ending in `[DONE]`) or JSON lines (no `[DONE]`).
 
-    The first chunk carries only the role, as OpenAI's and vLLM's do. A token whose text is still pending
+    Each choice's first chunk carries only the role, as OpenAI's and vLLM's do; with `n` > 1 the choices'
+    chunks interleave as their tokens arrive, each naming its `index`. A token whose text is still pending
     ("") sends nothing unless its logprob or the finish reason must go out. With `include_usage`, every
-    chunk has `"usage": null` and a last chunk with no choices carries the counts, as OpenAI documents.
+    chunk has `"usage": null` and a last chunk with no choices carries the counts, as OpenAI documents; it
+    and `[DONE]` follow the last choice's end.
     """
 
     _framing = staticmethod(stream_framing)
 
     @staticmethod
-    def _choice(delta: dict[str, str], logprobs: dict[str, Any] | None, finish_reason: str | None) -> dict[str, Any]:
-        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    def _choice(
+        index: int, delta: dict[str, str], logprobs: dict[str, Any] | None, finish_reason: str | None
+    ) -> dict[str, Any]:
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def _render(self, event: TokenEvent) -> list[str]:
         out: list[str] = []
-        if len(self.transcript.tokens) == 1:
-            out.append(self._chunk([self._choice({"role": "assistant", "content": ""}, None, None)]))
+        index, t = event.choice, self.transcripts[event.choice]
+        if len(t.tokens) == 1:
+            out.append(self._chunk([self._choice(index, {"role": "assistant", "content": ""}, None, None)]))
         if event.token.text or self.options.logprobs or event.finished:
             logprobs = None
             if self.options.logprobs:
                 logprobs = {"content": [self._logprobs_content(event.token, event.top_tokens)]}
-            out.append(self._chunk([self._choice({"content": event.token.text}, logprobs, self._finish_reason())]))
-        if event.finished:
+            delta = {"content": event.token.text}
+            out.append(self._chunk([self._choice(index, delta, logprobs, self._finish_reason(t))]))
+        if self.all_finished:
             out += self._stream_end()
         return out

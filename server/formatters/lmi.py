@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import json
+import math
 from typing import Any
 
 from llm_endpoint.backends.config import ResponseFormat
@@ -72,6 +73,12 @@ class Transcript:
     def has_top_tokens(self) -> bool:
         return any(self.top_tokens)
 
+    @property
+    def mean_log_prob(self) -> float:
+        """The log-probability per token that OpenAI's `best_of` ranks candidates by (tokens without one
+        count as impossible)."""
+        return sum(t.log_prob if t.log_prob is not None else -math.inf for t in self.tokens) / max(1, len(self.tokens))
+
 
 class BufferedFormatter(ResponseFormatter):
     """Keeps what `on_event` returned, so `body()` is exactly the streamed bytes.
@@ -85,11 +92,21 @@ class BufferedFormatter(ResponseFormatter):
         super().__init__(options, request_id)
         self.framing = self._framing(options)
         self.content_type = CONTENT_TYPES[self.framing]
-        self.transcript = Transcript()
+        # One per candidate generation (OpenAI `n` / `best_of`; LMI bodies have one), by `TokenEvent.choice`.
+        self.transcripts = [Transcript() for _ in range(options.candidates)]
         self._frames: list[str] = []
 
+    @property
+    def transcript(self) -> Transcript:
+        """The first (for LMI bodies: the only) candidate's transcript."""
+        return self.transcripts[0]
+
+    @property
+    def all_finished(self) -> bool:
+        return all(t.finish_reason is not None for t in self.transcripts)
+
     def on_event(self, event: TokenEvent) -> list[str]:
-        self.transcript.add(event)
+        self.transcripts[event.choice].add(event)
         frames = self._render(event)
         self._frames.extend(frames)
         return frames
@@ -103,7 +120,7 @@ class BufferedFormatter(ResponseFormatter):
 
     @abc.abstractmethod
     def _render(self, event: TokenEvent) -> list[str]:
-        """The frames for `event` (one complete wire event each); the transcript already includes it."""
+        """The frames for `event` (one complete wire event each); its choice's transcript already includes it."""
 
 
 class _LmiFormatter(BufferedFormatter):
