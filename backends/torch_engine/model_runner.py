@@ -45,6 +45,7 @@ class ModelRunner:
             self._forward = TransformersForward(model)
             log.info("engine forward: transformers' (%s)", reason or "asked for")
         head = model.get_output_embeddings()
+        self.vocab_size = int(head.weight.shape[0])  # the logits' width, which may exceed the tokenizer's
         self._lm_head = PackedLinear(head.weight, head.bias)
         self._dtype = head.weight.dtype
         self._group = AttentionShape.of(config).group
@@ -77,12 +78,16 @@ class ModelRunner:
         for result, span in zip(results, spans):
             if result.chunk.draft:
                 self._verify(result, span, hidden)
+        allowed = [_allowed_tokens(r) for r, _ in sampling]
+        masks = [a for a in allowed if not isinstance(a, RowFailure)]
+        sampling = [(r, s) for r, s in sampling if r.sample is None]  # a failed grammar fails its row alone
         if sampling:
             rows = torch.tensor([s.offset + s.count - 1 for _, s in sampling], device=self._device)
             seqs = [r.chunk.seq for r, _ in sampling]
             params = [s.request.params for s in seqs]
             histories = [s.history() if p.penalizes else None for s, p in zip(seqs, params)]
-            samples = sample_rows(self._logits(hidden[rows]), params, histories, [s.generator for s in seqs])
+            samples = sample_rows(self._logits(hidden[rows]), params, histories, [s.generator for s in seqs],
+                                  masks)
             for (result, _), sample in zip(sampling, samples):
                 result.sample = sample if isinstance(sample, RowFailure) else [sample]
         return results
@@ -112,3 +117,15 @@ class ModelRunner:
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._lm_head(hidden).float()
+
+
+def _allowed_tokens(result: ChunkResult) -> torch.Tensor | RowFailure | None:
+    """The tokens a structured-output row may draw next (None: any); a matcher that fails marks its row."""
+    constraint = result.chunk.seq.constraint
+    if constraint is None:
+        return None
+    try:
+        return constraint.allowed()
+    except Exception as exc:  # the row's grammar failed: that request alone
+        result.sample = RowFailure(f"structured output failed: {exc}")
+        return result.sample
