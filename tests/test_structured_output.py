@@ -41,7 +41,7 @@ def person_format(schema: dict | None = None) -> dict:
 
 
 # Backends that constrain output; any other must refuse it with a 424 rather than answer in plain text.
-STRUCTURED = {"scheduler", "disable", "vllm"}
+STRUCTURED = {"scheduler", "disable", "vllm", "openvino"}
 
 
 @pytest.fixture
