@@ -37,8 +37,6 @@ class Backend(abc.ABC):
     name: str = "base"
     # Whether the engine can report the most likely alternatives per token (top_n_tokens / top_logprobs).
     supports_top_tokens: bool = True
-    # Whether the engine constrains output to a JSON schema (SamplingParams.json_schema); an engine opts in.
-    supports_structured_output: bool = False
 
     @abc.abstractmethod
     def load(self) -> None:

@@ -40,7 +40,6 @@ class VllmBackend(Backend):
     """Drives `vllm.v1.engine.async_llm.AsyncLLM`; every request is one `AsyncLLM.generate` stream."""
 
     name = "vllm"
-    supports_structured_output = True
 
     def __init__(self, config: ServingConfig, files: ModelFiles, tokenizer: Any, max_model_len: int) -> None:
         if files.kind == "openvino":

@@ -275,7 +275,6 @@ class RequestParser:
     def __init__(
         self, config: ServingConfig, tokenizer: Any, max_model_len: int, backend_name: str = "scheduler",
         supports_top_tokens: bool = True, prompt_lookup_refusal: Callable[[int], str | None] | None = None,
-        supports_structured_output: bool = True,
     ) -> None:
         """`prompt_lookup_refusal(k)`: why the backend cannot serve a request's own prompt_lookup_num_tokens=k
         (None when it can; unset: any value)."""
@@ -286,7 +285,6 @@ class RequestParser:
         self.unbounded = config.attention_sinks_enabled
         self.backend_name = backend_name
         self.supports_top_tokens = supports_top_tokens
-        self.supports_structured_output = supports_structured_output
         self.prompt_lookup_refusal = prompt_lookup_refusal or (lambda k: None)
         self.chat_template = ChatTemplate.of(tokenizer)
         # No prompt of more bytes than this fits in max_model_len tokens (bounded mode): every token spells at
@@ -305,12 +303,6 @@ class RequestParser:
         if refusal:
             raise InvalidRequest(f"'{field}'={requested} is not supported by the {self.backend_name} backend: {refusal}")
         return requested
-
-    def _structured(self, schema: str | None, field: str) -> str | None:
-        if schema is not None and not self.supports_structured_output:
-            raise InvalidRequest(f"'{field}' (structured output) is not supported by the {self.backend_name} backend: "
-                                 "expected it absent (option.rolling_batch=scheduler has it)")
-        return schema
 
     def _check_top_tokens(self, count: int, field: str) -> None:
         if count and not self.supports_top_tokens:
@@ -423,9 +415,7 @@ class RequestParser:
             output=output,
             prompt_logprobs=bool(p.decoder_input_details),
             prompt_lookup_num_tokens=self._prompt_lookup(p.prompt_lookup_num_tokens, "parameters.prompt_lookup_num_tokens"),
-            json_schema=self._structured(
-                json_schema_text(p.guided_json, "parameters.guided_json") if p.guided_json is not None else None,
-                "parameters.guided_json"),
+            json_schema=json_schema_text(p.guided_json, "parameters.guided_json") if p.guided_json is not None else None,
             ignore_eos_field="parameters.ignore_eos_token",
         )
         turn = Turn("lmi", text=req.inputs) if history is not None else None
@@ -497,7 +487,7 @@ class RequestParser:
             top_n_tokens=top_n,
             output=output,
             prompt_lookup_num_tokens=self._prompt_lookup(req.prompt_lookup_num_tokens, "prompt_lookup_num_tokens"),
-            json_schema=self._structured(_response_format(req.response_format), "response_format"),
+            json_schema=_response_format(req.response_format),
         )
 
     def _parse_chat(

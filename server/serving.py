@@ -216,7 +216,7 @@ class InferenceService:
         self.backend = backend
         self.parser = RequestParser(
             config, tokenizer, max_model_len, backend.name, backend.supports_top_tokens,
-            backend.prompt_lookup_refusal, supports_structured_output=backend.supports_structured_output,
+            backend.prompt_lookup_refusal,
         )
         self.admission = Admission(config.effective_max_rolling_batch_size, config.job_queue_size)
         self.sessions = (SessionStore(config.sessions_expiration, backend.close_session)

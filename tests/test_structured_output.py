@@ -40,30 +40,9 @@ def person_format(schema: dict | None = None) -> dict:
     return {"type": "json_schema", "json_schema": {"name": "person", "schema": schema or PERSON, "strict": True}}
 
 
-# Backends that constrain output; any other must refuse it with a 424 rather than answer in plain text.
-STRUCTURED = {"scheduler", "disable", "vllm", "openvino"}
-
-
 @pytest.fixture
-def structured(server):
-    if server.backend not in STRUCTURED:
-        pytest.skip(f"{server.backend} refuses structured output (test_other_backends_refuse_structured_output)")
-    return server
-
-
-@pytest.fixture
-def oai(structured) -> openai.OpenAI:
-    return openai.OpenAI(base_url=structured.url + "/v1", api_key="x", timeout=120, max_retries=0)
-
-
-def test_other_backends_refuse_structured_output(server) -> None:
-    if server.backend in STRUCTURED:
-        pytest.skip("this backend constrains output")
-    for path, body, field in (
-            ("/v1/chat/completions", {"messages": ASK, "response_format": {"type": "json_object"}}, "response_format"),
-            ("/invocations", {"inputs": "x", "parameters": {"guided_json": PERSON}}, "parameters.guided_json")):
-        res = requests.post(server.url + path, json=body, timeout=60)
-        assert res.status_code == 424 and f"'{field}'" in res.json()["error"] and server.backend in res.json()["error"]
+def oai(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", timeout=120, max_retries=0)
 
 
 @pytest.mark.parametrize("temperature", [0, 1.0])
@@ -104,12 +83,12 @@ def test_completions_take_response_format(oai) -> None:
 
 
 @pytest.mark.parametrize("as_text", [False, True])
-def test_lmi_guided_json(structured, as_text: bool) -> None:
+def test_lmi_guided_json(server, as_text: bool) -> None:
     """LMI bodies name the schema as vLLM's `guided_json` does, as an object or as JSON text."""
     schema = json.dumps(PERSON) if as_text else PERSON
     body = {"inputs": "A person, as JSON:", "parameters": {"max_new_tokens": BUDGET, "guided_json": schema,
                                                             "details": True}}
-    res = requests.post(structured.url + "/invocations", json=body, timeout=120)
+    res = requests.post(server.url + "/invocations", json=body, timeout=120)
     assert res.status_code == 200, res.text
     out = res.json()
     assert out["details"]["finish_reason"] == "eos_token", out
@@ -126,25 +105,25 @@ def test_lmi_guided_json(structured, as_text: bool) -> None:
         ({"response_format": {"type": "json_object"}, "ignore_eos": True}, "ignore_eos"),
     ],
 )
-def test_bad_structured_output_requests_are_424_naming_the_field(structured, body: dict, field: str) -> None:
-    res = requests.post(structured.url + "/v1/chat/completions",
+def test_bad_structured_output_requests_are_424_naming_the_field(server, body: dict, field: str) -> None:
+    res = requests.post(server.url + "/v1/chat/completions",
                         json={"messages": ASK, "max_tokens": 8, **body}, timeout=60)
     assert res.status_code == 424, res.text
     assert res.json()["code"] == 424 and f"'{field}'" in res.json()["error"], res.text
 
 
-def test_bad_lmi_guided_json_is_424(structured) -> None:
+def test_bad_lmi_guided_json_is_424(server) -> None:
     for schema, expected in (({"type": 5}, "not a valid JSON schema"), ("{not json", "not valid JSON")):
-        res = requests.post(structured.url + "/invocations",
+        res = requests.post(server.url + "/invocations",
                             json={"inputs": "x", "parameters": {"guided_json": schema}}, timeout=60)
         assert res.status_code == 424, res.text
         assert "'parameters.guided_json'" in res.json()["error"] and expected in res.json()["error"]
 
 
-def test_schema_the_engine_cannot_compile_is_424(structured) -> None:
+def test_schema_the_engine_cannot_compile_is_424(server) -> None:
     """Valid by the metaschema, but its reference points nowhere: the engine's compiler refuses it."""
     schema = {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}, "required": ["a"]}
-    res = requests.post(structured.url + "/v1/chat/completions",
+    res = requests.post(server.url + "/v1/chat/completions",
                         json={"messages": ASK, "max_tokens": 8, "response_format": person_format(schema)}, timeout=60)
     assert res.status_code == 424, res.text
     assert res.json()["code"] == 424

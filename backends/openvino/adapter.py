@@ -45,7 +45,6 @@ class OpenVinoBackend(Backend):
 
     name = "openvino"
     supports_top_tokens = False  # GenAI reports only the chosen token's log-prob
-    supports_structured_output = True  # GenAI's StructuredOutputConfig, per request
 
     def __init__(self, config: ServingConfig, files: ModelFiles, tokenizer: Any, max_model_len: int) -> None:
         self._config = config

@@ -292,7 +292,6 @@ class TorchBackend(Backend):
     """Backend adapter: asyncio on the outside, the engine thread on the inside."""
 
     name = "scheduler"
-    supports_structured_output = True
 
     def __init__(
         self,
