@@ -43,6 +43,10 @@ class SamplingParams:
     token_logprobs: bool = True
     # Prompt lookup decoding: draft tokens per step copied from the prompt and output (0: off).
     prompt_lookup_num_tokens: int = 0
+    # Structured output: the JSON schema (canonical JSON text, so it can key a grammar cache) the output must
+    # match, enforced by constrained decoding; OpenAI's json_object is the schema {"type": "object"}.
+    # None: free text.
+    json_schema: str | None = None
 
     @property
     def greedy(self) -> bool:

@@ -16,7 +16,7 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.inputs.engine import tokens_input
 from vllm.platforms import current_platform
-from vllm.sampling_params import RequestOutputKind
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -202,6 +202,8 @@ def sampling_params(params: SamplingParams) -> Any:
         logprobs=max(1, params.top_n_tokens) if params.token_logprobs or params.top_n_tokens else None,
         prompt_logprobs=1 if params.prompt_logprobs else None,
         output_kind=RequestOutputKind.DELTA,
+        # vLLM's own structured outputs (its grammar backend masks the logits each step)
+        structured_outputs=StructuredOutputsParams(json=params.json_schema) if params.json_schema else None,
     )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from pydantic_core import PydanticCustomError
@@ -84,6 +84,9 @@ class LmiParameters(_Lenient):
     n: StrictInt | None = None
     best_of: StrictInt | None = None
     num_beams: StrictInt | None = None
+    # vLLM's name (its OpenAI server's extra parameter, which LMI users of vLLM know): a JSON schema, as an
+    # object or as JSON text, that the output must match.
+    guided_json: dict[str, Any] | StrictStr | None = None
 
 
 class LmiRequest(_Lenient):
@@ -106,6 +109,22 @@ class StreamOptions(_Lenient):
     include_usage: StrictBool = False
 
 
+class JsonSchemaFormat(_Lenient):
+    """`response_format.json_schema`: OpenAI's named schema; `strict` or not, the output is constrained to it."""
+
+    name: StrictStr | None = None
+    description: StrictStr | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormatSpec(_Lenient):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _OpenAIRequest(_Lenient):
     """What OpenAI's chat and (legacy) completions bodies share; `user` is accepted and ignored."""
 
@@ -124,6 +143,7 @@ class _OpenAIRequest(_Lenient):
     stream_options: StreamOptions | None = None
     ignore_eos: StrictBool = False
     prompt_lookup_num_tokens: StrictInt | None = Field(None, ge=0, le=MAX_PROMPT_LOOKUP_TOKENS)
+    response_format: ResponseFormatSpec | None = None
 
 
 class ChatCompletionRequest(_OpenAIRequest):

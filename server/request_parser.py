@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import jsonschema
 from pydantic import BaseModel, ValidationError
 
 from llm_endpoint.backends.config import ResponseFormat, ServingConfig
@@ -25,6 +26,7 @@ from llm_endpoint.server.protocol import (
     CompletionRequest,
     LmiRequest,
     OutputOptions,
+    ResponseFormatSpec,
 )
 from llm_endpoint.server.sessions import History, Turn
 
@@ -168,7 +170,6 @@ def _stop_list(value: str | Sequence[str] | None, field: str) -> tuple[str, ...]
 # a request using one gets a 424 naming it rather than a plain answer that silently ignored it. Each maps to the
 # values that ask for nothing (absent or null always does).
 _UNIMPLEMENTED: dict[str, tuple[Any, ...]] = {
-    "response_format": ({"type": "text"},),
     "tools": ([],),
     "tool_choice": ("none",),
     "functions": ([],),
@@ -189,14 +190,51 @@ def _refuse_unimplemented(payload: dict[str, Any]) -> None:
             raise InvalidRequest(f"'{name}' is not supported by this server: expected it absent or null")
 
 
+ANY_JSON_OBJECT = {"type": "object"}  # OpenAI's json_object, as a schema every engine's grammar compiler takes
+
+
+def json_schema_text(schema: dict[str, Any] | str, field: str) -> str:
+    """A JSON schema (an object, or JSON text of one) as canonical text, once its metaschema accepts it; what is
+    wrong with it is a 424 naming `field`."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise InvalidRequest(f"'{field}' is not valid JSON ({exc}): expected a JSON schema") from None
+    if not isinstance(schema, dict):
+        raise InvalidRequest(f"'{field}' is a JSON {type(schema).__name__}: expected a JSON schema object")
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = exc.json_path if exc.path else "the top level"
+        raise InvalidRequest(f"'{field}' is not a valid JSON schema: {exc.message} (at {where})") from None
+    except (RecursionError, jsonschema.exceptions.UnknownType) as exc:
+        raise InvalidRequest(f"'{field}' is not a usable JSON schema: {exc}") from None
+    return json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _response_format(spec: ResponseFormatSpec | None) -> str | None:
+    """OpenAI's response_format as the schema the output must match (None: free text)."""
+    if spec is None or spec.type == "text":
+        return None
+    if spec.type == "json_object":
+        return json_schema_text(ANY_JSON_OBJECT, "response_format")
+    if spec.json_schema is None:
+        raise InvalidRequest("'response_format.json_schema' is required when 'response_format.type' is 'json_schema'")
+    return json_schema_text(spec.json_schema.schema_, "response_format.json_schema.schema")
+
+
 def _sampling_params(
     *, max_new_tokens: int, do_sample: bool, temperature: float | None, top_k: int | None, top_p: float | None,
     repetition_penalty: float | None, seed: int | None, stop_sequences: tuple[str, ...], ignore_eos: bool,
     top_n_tokens: int, output: OutputOptions, prompt_logprobs: bool = False, prompt_lookup_num_tokens: int = 0,
-    frequency_penalty: float | None = None, presence_penalty: float | None = None,
+    frequency_penalty: float | None = None, presence_penalty: float | None = None, json_schema: str | None = None,
+    ignore_eos_field: str = "ignore_eos",
 ) -> SamplingParams:
     """The one mapping of validated wire values onto SamplingParams, for LMI and chat bodies alike: absent
     values take their neutral defaults, temperature 0 leaves 1.0 (greedy decides), unseeded requests get a seed."""
+    if json_schema is not None and ignore_eos:  # the grammar ends the output; generating past it has no meaning
+        raise InvalidRequest(f"'{ignore_eos_field}' cannot be combined with structured output: drop one of them")
     return SamplingParams(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
@@ -213,6 +251,7 @@ def _sampling_params(
         prompt_logprobs=prompt_logprobs,
         token_logprobs=output.shows_token_logprobs,
         prompt_lookup_num_tokens=prompt_lookup_num_tokens,
+        json_schema=json_schema,
     )
 
 
@@ -382,6 +421,8 @@ class RequestParser:
             output=output,
             prompt_logprobs=bool(p.decoder_input_details),
             prompt_lookup_num_tokens=self._prompt_lookup(p.prompt_lookup_num_tokens, "parameters.prompt_lookup_num_tokens"),
+            json_schema=json_schema_text(p.guided_json, "parameters.guided_json") if p.guided_json is not None else None,
+            ignore_eos_field="parameters.ignore_eos_token",
         )
         turn = Turn("lmi", text=req.inputs) if history is not None else None
         return ParsedRequest(GenerationRequest(request_id, ids, params, prompt), output, turn)
@@ -455,6 +496,7 @@ class RequestParser:
             output=output,
             prompt_logprobs=prompt_logprobs,
             prompt_lookup_num_tokens=self._prompt_lookup(req.prompt_lookup_num_tokens, "prompt_lookup_num_tokens"),
+            json_schema=_response_format(req.response_format),
         )
 
     @staticmethod

@@ -13,6 +13,7 @@ import torch
 from llm_endpoint.backends.text import TextAssembler
 from llm_endpoint.backends.torch_engine import attention
 from llm_endpoint.backends.torch_engine.engine import TorchEngine
+from llm_endpoint.backends.torch_engine.grammar import Constraint
 from llm_endpoint.backends.torch_engine.prompt_lookup import DEFAULT_MAX_NGRAM, NgramProposer
 from llm_endpoint.backends.torch_engine.sequence import Sequence
 from llm_endpoint.backends.types import GenerationRequest, SamplingParams, TokenEvent
@@ -54,7 +55,7 @@ class EngineHarness:
         self.thread.start()
         assert ready.wait(300)
 
-    def submit(self, stream: Stream, *, on_event: Any = None) -> None:
+    def submit(self, stream: Stream, *, on_event: Any = None, constraint: Constraint | None = None) -> None:
         assert self.engine is not None
         prompt = stream.prompt
         ids = tuple(self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else prompt)
@@ -76,7 +77,7 @@ class EngineHarness:
         assembler = TextAssembler(self.tokenizer, ids, params.stop_sequences, special_ids=self.engine.special_ids)
         proposer = NgramProposer(DEFAULT_MAX_NGRAM) if params.prompt_lookup_num_tokens else None
         self.engine.submit(Sequence(request=request, deliver=deliver, assembler=assembler, generator=generator,
-                                    proposer=proposer))
+                                    proposer=proposer, constraint=constraint))
 
     def stop(self) -> None:
         assert self.engine is not None

@@ -331,7 +331,7 @@ def test_openai_completion_unsupported_fields_are_424_naming_them(oai, kwargs: d
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),  # a schema is needed
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
         ({"tool_choice": "required"}, "tool_choice"),
     ],

@@ -17,7 +17,7 @@ import openvino as ov
 import openvino_genai as ov_genai
 
 from llm_endpoint.backends.config import ServingConfig
-from llm_endpoint.backends.openvino.pipeline import create_pipeline
+from llm_endpoint.backends.openvino.pipeline import STRUCTURED_OUTPUT_SCHEMA, create_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,8 @@ def _apply_commands(pipe: Any, handles: dict[int, Any], commands: Connection, re
             return False
         if command[0] == "add":
             _, key, prompt_ids, settings = command
-            config = ov_genai.GenerationConfig()
-            for name, value in settings.items():
-                setattr(config, name, value)
             try:
+                config = _generation_config(settings)
                 handles[key] = pipe.add_request(key, ov.Tensor(np.asarray([prompt_ids], dtype=np.int64)), config)
             except Exception as exc:
                 log.warning("OpenVINO refused request %s: %s", key, exc)
@@ -96,6 +94,17 @@ def _apply_commands(pipe: Any, handles: dict[int, Any], commands: Connection, re
             handle.cancel()
         if not commands.poll():
             return True
+
+
+def _generation_config(settings: dict[str, Any]) -> Any:
+    """A request's GenerationConfig from its plain settings (see pipeline.generation_settings)."""
+    config = ov_genai.GenerationConfig()
+    for name, value in settings.items():
+        if name == STRUCTURED_OUTPUT_SCHEMA:
+            config.structured_output_config = ov_genai.StructuredOutputConfig(json_schema=value)
+        else:
+            setattr(config, name, value)
+    return config
 
 
 def _read_handle(key: int, handle: Any) -> StepOutput:

@@ -24,6 +24,10 @@ _DEVICE = "CPU"
 
 _PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}  # "auto": the plugin's choice (bf16 on AVX-512 BF16)
 
+# The settings key that carries a request's JSON schema; GenAI takes it as a StructuredOutputConfig, which
+# cannot cross the pipe to the engine process.
+STRUCTURED_OUTPUT_SCHEMA = "json_schema"
+
 _SCHEDULER_KEYS = (
     "cache_size", "num_kv_blocks", "max_num_batched_tokens", "max_num_seqs", "dynamic_split_fuse",
     "enable_prefix_caching", "use_cache_eviction",
@@ -120,6 +124,8 @@ def generation_settings(request: GenerationRequest, max_new_tokens: int, max_ngr
         "logprobs": 1,
         "echo": params.prompt_logprobs,
     }
+    if params.json_schema is not None:  # GenAI's own structured output; engine_process builds its config
+        settings[STRUCTURED_OUTPUT_SCHEMA] = params.json_schema
     if params.prompt_lookup_num_tokens:
         settings.update(num_assistant_tokens=params.prompt_lookup_num_tokens, max_ngram_size=max_ngram)
     if params.do_sample and params.temperature > 0:

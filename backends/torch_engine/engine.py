@@ -37,6 +37,7 @@ from llm_endpoint.backends.torch_engine.block_cache import (
     PagedKVCache,
     blocks_for,
 )
+from llm_endpoint.backends.torch_engine.grammar import Constraint, GrammarError, Grammars
 from llm_endpoint.backends.torch_engine.model_runner import ChunkResult, ModelRunner
 from llm_endpoint.backends.torch_engine.output import OutputStep, eos_token_ids
 from llm_endpoint.backends.torch_engine.prompt_lookup import DEFAULT_MAX_NGRAM as DEFAULT_PROMPT_LOOKUP_MAX_NGRAM
@@ -319,6 +320,7 @@ class TorchBackend(Backend):
             kv_cache_space=kv_cache_space, attention_sinks=attention_sinks, session_space=session_space,
         )
         self._engine: TorchEngine | None = None
+        self._grammars: Grammars | None = None
         self._thread: threading.Thread | None = None
 
     def load(self) -> None:
@@ -346,6 +348,8 @@ class TorchBackend(Backend):
         ready.wait()
         if failure:
             raise failure[0]
+        assert self._engine is not None
+        self._grammars = Grammars(self.tokenizer, self._engine.runner.vocab_size, self._engine.output.eos_ids)
 
     def shutdown(self) -> None:
         if self._engine is not None:
@@ -363,6 +367,14 @@ class TorchBackend(Backend):
     def prompt_lookup_refusal(self, tokens: int) -> str | None:
         return None  # any draft length, per request
 
+    async def _constraint(self, schema: str) -> Constraint:
+        """The request's grammar matcher, compiled off the event loop (a large schema takes a while)."""
+        assert self._grammars is not None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self._grammars.constraint, schema)
+        except GrammarError as exc:
+            raise RequestRejected(f"the JSON schema cannot be used for structured output: {exc}") from None
+
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         engine = self._engine
         if engine is None:
@@ -377,6 +389,7 @@ class TorchBackend(Backend):
             loop.call_soon_threadsafe(events.put_nowait, item)
 
         params = request.params
+        constraint = await self._constraint(params.json_schema) if params.json_schema else None
         generator = None
         if params.do_sample:
             generator = torch.Generator().manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
@@ -386,7 +399,9 @@ class TorchBackend(Backend):
             assembler=TextAssembler(self.tokenizer, request.prompt_token_ids, params.stop_sequences,
                                     special_ids=engine.special_ids),
             generator=generator,
-            proposer=NgramProposer(self.prompt_lookup_max_ngram) if params.prompt_lookup_num_tokens else None,
+            proposer=NgramProposer(self.prompt_lookup_max_ngram)
+            if params.prompt_lookup_num_tokens and constraint is None else None,
+            constraint=constraint,
         )
         engine.submit(seq)
         finished = False

@@ -45,6 +45,7 @@ class ModelRunner:
             self._forward = TransformersForward(model)
             log.info("engine forward: transformers' (%s)", reason or "asked for")
         head = model.get_output_embeddings()
+        self.vocab_size = int(head.weight.shape[0])  # the logits' width, which may exceed the tokenizer's
         self._lm_head = PackedLinear(head.weight, head.bias)
         self._dtype = head.weight.dtype
         self._group = AttentionShape.of(config).group
@@ -80,6 +81,9 @@ class ModelRunner:
         one pass of the LM head: it reads the whole embedding matrix (tens of MB), so a call per drafting row
         would cost more than the row's attention."""
         sampling = [(r, s) for r, s in zip(results, spans) if r.chunk.samples and not r.chunk.draft]
+        allowed = [_allowed_tokens(r) for r, _ in sampling]
+        masks = [a for a in allowed if not isinstance(a, RowFailure)]
+        sampling = [(r, s) for r, s in sampling if r.sample is None]  # a failed grammar fails its row alone
         drafting = [(r, s) for r, s in zip(results, spans) if r.chunk.draft]
         rows = [s.offset + s.count - 1 for _, s in sampling]
         for result, span in drafting:
@@ -92,7 +96,7 @@ class ModelRunner:
             seqs = [r.chunk.seq for r, _ in sampling]
             params = [s.request.params for s in seqs]
             histories = [s.history() if p.penalizes else None for s, p in zip(seqs, params)]
-            samples = sample_rows(logits[: len(sampling)], params, histories, [s.generator for s in seqs])
+            samples = sample_rows(logits[: len(sampling)], params, histories, [s.generator for s in seqs], masks)
             for (result, _), sample in zip(sampling, samples):
                 result.sample = sample if isinstance(sample, RowFailure) else [sample]
         at = len(sampling)
@@ -121,3 +125,15 @@ class ModelRunner:
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._lm_head(hidden).float()
+
+
+def _allowed_tokens(result: ChunkResult) -> torch.Tensor | RowFailure | None:
+    """The tokens a structured-output row may draw next (None: any); a matcher that fails marks its row."""
+    constraint = result.chunk.seq.constraint
+    if constraint is None:
+        return None
+    try:
+        return constraint.allowed()
+    except Exception as exc:  # the row's grammar failed: that request alone
+        result.sample = RowFailure(f"structured output failed: {exc}")
+        return result.sample

@@ -31,11 +31,15 @@ class OutputStep:
         params = seq.request.params
         token_id = sample.token_id
         seq.tokens.append(token_id)
+        if seq.constraint is not None:
+            seq.constraint.accept(token_id)  # raises for a token the grammar refuses: this request fails
         text, stopped = seq.assembler.add(token_id)
         finish: FinishReason | None = None
         if stopped:
             finish = FinishReason.STOP_SEQUENCE
         elif token_id in self.eos_ids and not params.ignore_eos:
+            finish = FinishReason.EOS_TOKEN
+        elif seq.constraint is not None and seq.constraint.complete:  # only the end of text may follow
             finish = FinishReason.EOS_TOKEN
         elif seq.num_output >= params.max_new_tokens or (
                 self.max_model_len is not None and len(seq.tokens) >= self.max_model_len):

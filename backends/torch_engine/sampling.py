@@ -7,6 +7,8 @@ that: they are the model's own distribution, which is what LMI users average int
 
 A row that cannot be sampled (non-finite logits from the model, or probabilities its parameters made
 non-finite) yields a `RowFailure` for that row alone; every other row is drawn exactly as without it.
+A structured-output row draws only among the tokens its grammar allows (`allowed`); its log-probs are
+still the raw model's.
 """
 
 from __future__ import annotations
@@ -83,15 +85,18 @@ def sample_rows(
     params: list[SamplingParams],
     histories: list[Seen | None],
     generators: list[torch.Generator | None],
+    allowed: list[torch.Tensor | None] | None = None,
 ) -> list[RowSample | RowFailure]:
-    """`logits` is [rows, vocab] fp32; `histories[i]` holds row i's tokens when its penalties need them."""
+    """`logits` is [rows, vocab] fp32; `histories[i]` holds row i's tokens when its penalties need them;
+    `allowed[i]` ([vocab] bool), when given, the only tokens row i may draw."""
     finite = torch.isfinite(logits.sum(dim=-1)).tolist()  # a NaN or inf anywhere makes the row's sum one
     raw_logprobs = torch.log_softmax(logits, dim=-1)
+    scores = _masked(logits, allowed)
     greedy_plain = [i for i, p in enumerate(params) if p.greedy and not p.penalizes and finite[i]]
     chosen: dict[int, int] = {}
     failed: dict[int, RowFailure] = {}
     if greedy_plain:
-        picks = logits[greedy_plain].argmax(dim=-1).tolist()
+        picks = scores[greedy_plain].argmax(dim=-1).tolist()
         chosen.update(zip(greedy_plain, picks))
     for i, p in enumerate(params):
         if i in chosen:
@@ -100,7 +105,7 @@ def sample_rows(
             failed[i] = RowFailure("the model produced non-finite logits for this request")
             continue
         try:
-            chosen[i] = _choose(logits[i].clone(), p, histories[i], generators[i])
+            chosen[i] = _choose(scores[i].clone(), p, histories[i], generators[i])
         except (FloatingPointError, RuntimeError) as exc:  # torch reports bad probabilities as RuntimeError
             failed[i] = RowFailure(str(exc))
 
@@ -115,6 +120,17 @@ def sample_rows(
             if n and i in chosen:
                 tops[i] = list(zip(indices[i, :n].tolist(), values[i, :n].tolist()))
     return [failed[i] if i in failed else RowSample(chosen[i], chosen_logprobs[i], tops[i]) for i in range(len(params))]
+
+
+def _masked(logits: torch.Tensor, allowed: list[torch.Tensor | None] | None) -> torch.Tensor:
+    """`logits` with the tokens a row may not draw at -inf; the same tensor when no row is constrained."""
+    if not allowed or all(a is None for a in allowed):
+        return logits
+    scores = logits.clone()
+    for i, row_allowed in enumerate(allowed):
+        if row_allowed is not None:
+            scores[i, : row_allowed.numel()].masked_fill_(~row_allowed, float("-inf"))
+    return scores
 
 
 def _penalized(scores: torch.Tensor, params: SamplingParams, history: Seen | None) -> torch.Tensor:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llm_endpoint.backends.text import TextAssembler
+from llm_endpoint.backends.torch_engine.grammar import Constraint
 from llm_endpoint.backends.torch_engine.prompt_lookup import DraftOdds, NgramProposer
 from llm_endpoint.backends.torch_engine.sampling import Seen
 from llm_endpoint.backends.types import GenerationRequest, Token, TokenEvent
@@ -44,6 +45,9 @@ class Sequence:
     cancelled: bool = False
     cached_prompt: int = 0  # prompt tokens taken from the session's cache instead of computed
     proposer: NgramProposer | None = None  # prompt lookup's drafts, when the request asked for them
+    # structured output's matcher; it follows the output tokens, which preemption keeps, so recomputing
+    # the cache leaves it right. Constrained sequences do not draft (their drafts are not grammar-checked).
+    constraint: Constraint | None = None
     drafted: int = 0
     accepted: int = 0
     draft_odds: DraftOdds = field(default_factory=DraftOdds)  # whether drafting pays for this sequence
