@@ -81,9 +81,9 @@ class ModelRunner:
         one pass of the LM head: it reads the whole embedding matrix (tens of MB), so a call per drafting row
         would cost more than the row's attention."""
         sampling = [(r, s) for r, s in zip(results, spans) if r.chunk.samples and not r.chunk.draft]
-        allowed = [_allowed_tokens(r) for r, _ in sampling]
-        masks = [a for a in allowed if not isinstance(a, RowFailure)]
-        sampling = [(r, s) for r, s in sampling if r.sample is None]  # a failed grammar fails its row alone
+        allowed = [_allowed_tokens(r) for r, _ in sampling]  # a failed grammar records its row's failure
+        kept = [(pair, a) for pair, a in zip(sampling, allowed) if not isinstance(a, RowFailure)]
+        sampling, masks = [pair for pair, _ in kept], [a for _, a in kept]  # each mask beside its own row
         drafting = [(r, s) for r, s in zip(results, spans) if r.chunk.draft]
         rows = [s.offset + s.count - 1 for _, s in sampling]
         for result, span in drafting:
