@@ -25,6 +25,7 @@ PASSAGE = ("The lighthouse keeper counted the ships that passed in the night, an
            "leather book with a brass lock. When the storm came, the book was all that remained.")
 GROUNDED = f"Repeat this passage word for word.\n\n{PASSAGE}\n\nRepeated:\n\n{PASSAGE[:40]}"
 OPEN_ENDED = "Write a short poem about the sea."
+REPETITIVE = "one two three four one two three four one two three four one two"  # drafted from the 2nd token on
 
 
 # ---- the proposer ------------------------------------------------------------------------------------
@@ -149,13 +150,12 @@ def _assert_one_distribution(a: Counter, b: Counter) -> None:
 def test_sampled_output_keeps_its_distribution_with_drafts(model_dir: Path, tokenizer: Any) -> None:
     """The third token of a sampled continuation of repetitive text (drafted from the second on), over many
     seeds, with and without prompt lookup: one distribution (a chi-square test at a loose threshold)."""
-    prompt = "one two three four one two three four one two three four one two"
     # one sequence at a time: beside others, a sequence drafts only once its drafts have been holding
     harness = EngineHarness(model_dir, tokenizer, max_running=1)
     counts: dict[int, Counter] = {}
     try:
         for k in (0, 4):
-            streams = [Stream(prompt, 3, {"do_sample": True, "temperature": 1.0, "seed": seed,
+            streams = [Stream(REPETITIVE, 3, {"do_sample": True, "temperature": 1.0, "seed": seed,
                                           "prompt_lookup_num_tokens": k}) for seed in range(200)]
             for stream in streams:
                 harness.submit(stream)
@@ -281,10 +281,8 @@ def test_the_worthwhile_draft_length_shrinks_with_the_batch_and_the_record() -> 
 
 
 def _third_tokens(url: str, seeds: range) -> Counter:
-    prompt = "one two three four one two three four one two three four one two"
-
     def third(seed: int) -> int | None:
-        res = _generate(url, prompt, 3, do_sample=True, temperature=1.0, seed=seed)
+        res = _generate(url, REPETITIVE, 3, do_sample=True, temperature=1.0, seed=seed)
         assert res.status_code == 200, res.text
         tokens = res.json()["details"]["tokens"]
         return tokens[2]["id"] if len(tokens) == 3 else None

@@ -83,7 +83,7 @@ class DraftOdds:
             self.shadow = None
 
     def length(self, limit: int, batch: int) -> int:
-        """Draft tokens worth verifying among `batch` decoding rows, at most `limit`."""
+        """Draft tokens worth verifying beside `batch` running sequences (this one included), at most `limit`."""
         if batch <= 1:
             return limit
         rate, cost = self.rate, batch / (batch + STEP_TOKENS_PER_WEIGHT_READ)
