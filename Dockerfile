@@ -10,8 +10,9 @@
 # GPU image needs only the host's NVIDIA driver, not a CUDA base image.
 #
 # The CPU image also carries optimum-intel's converter in its own venv, /opt/optimum-venv (it pins an older
-# transformers than the server's), and points LLM_ENDPOINT_OPTIMUM_CLI at it: with option.rolling_batch=auto
-# an HF model is then exported to OpenVINO IR once, cached, and served by OpenVINO GenAI.
+# transformers than the server's), and points LLM_ENDPOINT_OPTIMUM_CLI at it: with option.rolling_batch=openvino
+# an HF model is then exported to OpenVINO IR once, cached, and served by OpenVINO GenAI (auto serves HF models
+# with our engine, which answers every documented parameter, and GGUF/IR with OpenVINO).
 
 # Declared here, before the first FROM, so that `FROM runtime-${VARIANT}` below sees the default: a FROM reads
 # only these header arguments. buildah/podman before 1.28 (buildah#4312) resolved a stage name from
@@ -65,7 +66,7 @@ RUN python -m venv /opt/optimum-venv \
 
 FROM ${BASE_IMAGE} AS runtime-cpu
 COPY --from=optimum /opt/optimum-venv /opt/optimum-venv
-# option.rolling_batch=auto picks OpenVINO on CPU for HF directories once a converter is configured.
+# option.rolling_batch=openvino converts HF directories with it (once, into the cache).
 ENV LLM_ENDPOINT_OPTIMUM_CLI=/opt/optimum-venv/bin/optimum-cli
 
 FROM ${BASE_IMAGE} AS runtime-gpu

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv at the repo root with llm-endpoint, its test tools and the CPU engines (vLLM's CPU build and
-# OpenVINO GenAI, so option.rolling_batch=auto can choose), plus .venv-optimum, the isolated optimum-intel
+# OpenVINO GenAI, so every option.rolling_batch is available), plus .venv-optimum, the isolated optimum-intel
 # environment OpenVINO uses to convert HF directories to IR (it pins an older transformers). Prepares the
 # demo model. Safe to re-run.
 #   LLM_ENDPOINT_EXTRAS   extras to install (default: vllm,openvino on x86-64; "" for none)

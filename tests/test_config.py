@@ -153,16 +153,38 @@ def test_serve_refuses_bad_config_with_one_line_and_nonzero_exit(
 
 
 @pytest.mark.skipif(importlib.util.find_spec("openvino_genai") is None, reason="needs the openvino extra")
-def test_auto_on_cpu_picks_openvino_for_hf_gguf_and_ir_once_a_converter_is_configured(tmp_path: Path) -> None:
-    """The CPU image's case (openvino extra, LLM_ENDPOINT_OPTIMUM_CLI set): OpenVINO, the fastest measured CPU
-    engine, for every format; without a converter an HF directory goes to the next engine installed."""
+def test_auto_on_cpu_picks_our_engine_for_hf_and_openvino_for_gguf_and_ir(tmp_path: Path) -> None:
+    """The CPU image's case (openvino extra, a converter configured): an HF directory goes to our engine, the
+    one that answers every documented parameter (top_n_tokens among them), converter or not; GGUF and IR,
+    which only OpenVINO reads natively, to OpenVINO."""
     from llm_endpoint.backends.model_files import ModelFiles
     from llm_endpoint.backends.registry import resolve_rolling_batch
 
     formats = [ModelFiles("hf", tmp_path), ModelFiles("gguf", tmp_path, "m.gguf"), ModelFiles("openvino", tmp_path)]
-    with_converter = make_config(model_id="unused", device="cpu", optimum_cli="/opt/optimum-venv/bin/optimum-cli")
-    assert [resolve_rolling_batch(with_converter, files) for files in formats] == [RollingBatch.OPENVINO] * 3
-    without = make_config(model_id="unused", device="cpu", optimum_cli=None)
-    fallback = RollingBatch.VLLM if importlib.util.find_spec("vllm") else RollingBatch.SCHEDULER
-    assert resolve_rolling_batch(without, formats[0]) is fallback
-    assert resolve_rolling_batch(without, formats[1]) is RollingBatch.OPENVINO
+    for converter in ("/opt/optimum-venv/bin/optimum-cli", None):
+        config = make_config(model_id="unused", device="cpu", optimum_cli=converter)
+        assert [resolve_rolling_batch(config, files) for files in formats] == [
+            RollingBatch.SCHEDULER, RollingBatch.OPENVINO, RollingBatch.OPENVINO]
+
+
+def test_a_default_install_answers_alternatives_over_http(model_dir: Path, tmp_path: Path) -> None:
+    """`auto` as the CPU image runs it (every extra this machine has, the converter configured): the server it
+    starts for the demo model reports `top_n_tokens` and chat `top_logprobs` alternatives, not a 424."""
+    import requests
+
+    from tests.conftest import start_server
+
+    server = start_server(model_dir, {"max_rolling_batch_size": "2"}, tmp_path, "auto")
+    try:
+        assert "option.rolling_batch=auto -> scheduler" in server.log_tail()
+        lmi = requests.post(server.url + "/invocations", timeout=120, json={
+            "inputs": "The capital of France is", "parameters": {"max_new_tokens": 3, "details": True,
+                                                                 "top_n_tokens": 3}})
+        assert lmi.status_code == 200, lmi.text
+        assert [len(top) for top in lmi.json()["details"]["top_tokens"]] == [3, 3, 3]
+        chat = requests.post(server.url + "/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "logprobs": True, "top_logprobs": 3})
+        assert chat.status_code == 200, chat.text
+        assert [len(e["top_logprobs"]) for e in chat.json()["choices"][0]["logprobs"]["content"]] == [3, 3]
+    finally:
+        server.stop()

@@ -212,7 +212,7 @@ def test_default_extras_are_openvino_on_cpu_and_vllm_on_gpu(tmp_path: Path) -> N
 
 
 def test_cpu_image_carries_the_optimum_converter_in_its_own_venv(tmp_path: Path) -> None:
-    """runtime-cpu copies /opt/optimum-venv and names its optimum-cli, so `auto` picks OpenVINO for HF models."""
+    """runtime-cpu copies /opt/optimum-venv and names its optimum-cli, so `rolling_batch=openvino` can convert HF models."""
     cpu, gpu = stage("runtime-cpu"), stage("runtime-gpu")
     assert ("ENV", "LLM_ENDPOINT_OPTIMUM_CLI=/opt/optimum-venv/bin/optimum-cli") in cpu
     copies = [a.split() for k, a in cpu if k == "COPY"]
