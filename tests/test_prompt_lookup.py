@@ -230,22 +230,27 @@ def test_the_per_request_parameter_and_its_refusals(servers: ServerPool, backend
     assert _generate(url, GROUNDED, 4, prompt_lookup_num_tokens=4).status_code == 200
 
 
-def test_beside_other_rows_a_sequence_drafts_only_as_far_as_its_record_pays() -> None:
+def _drafting_scheduler(rows: int, limit: int = 3) -> tuple[Any, list[Any]]:
+    """A scheduler with `rows` decoding sequences whose every step has a draft: [3, 1, 2, ...]."""
     from llm_endpoint.backends.torch_engine.block_cache import BlockAllocator
     from llm_endpoint.backends.torch_engine.scheduler import Scheduler
-    from llm_endpoint.backends.torch_engine.sequence import Sequence
+    from llm_endpoint.backends.torch_engine.sequence import Sequence, Status
     from llm_endpoint.backends.types import GenerationRequest
 
     scheduler = Scheduler(BlockAllocator(256, 4), max_running=16, prefill_tokens=64)
-    tokens = [1, 2, 3, 1, 2, 3, 1, 2]  # always a match: drafts [3, 1, 2, ...]
-    seqs = []
-    for i in range(16):
-        request = GenerationRequest(str(i), tuple(tokens), SamplingParams(max_new_tokens=100, prompt_lookup_num_tokens=3))
+    tokens = [1, 2, 3, 1, 2, 3, 1, 2]
+    for i in range(rows):
+        request = GenerationRequest(str(i), tuple(tokens), SamplingParams(max_new_tokens=100, prompt_lookup_num_tokens=limit))
         seq = Sequence(request=request, deliver=lambda e: None, assembler=None, generator=None,  # type: ignore[arg-type]
                        proposer=NgramProposer(3))
         seq.computed = seq.cache_len = len(tokens) - 1
+        seq.status = Status.RUNNING
         scheduler.running.append(seq)
-        seqs.append(seq)
+    return scheduler, list(scheduler.running)
+
+
+def test_beside_other_rows_a_sequence_drafts_only_as_far_as_its_record_pays() -> None:
+    scheduler, seqs = _drafting_scheduler(16)
     failing, good = seqs[:2]
     for _ in range(20):
         failing.draft_odds.record(0, 3)
@@ -265,6 +270,25 @@ def test_beside_other_rows_a_sequence_drafts_only_as_far_as_its_record_pays() ->
         failing.draft_odds.record(0, 3)
     scheduler.running.remove(good)  # alone, it drafts every step whatever its record
     assert scheduler._draft(failing) == (3, 1, 2)
+
+
+def test_beside_other_rows_a_step_verifies_drafts_only_when_together_they_pay_for_their_attention() -> None:
+    scheduler, seqs = _drafting_scheduler(16)
+    for seq in seqs:
+        for _ in range(20):
+            seq.draft_odds.record(0 if seq is not seqs[0] else 3, 3)
+    free = scheduler.allocator.free_blocks
+    chunks = scheduler._grow_decoding()  # one sure row's 3 tokens do not pay for a verification's attention
+    assert [c.draft for c in chunks] == [()] * 16 and [c.count for c in chunks] == [1] * 16
+    assert seqs[0].draft_odds.shadow == 3  # scored in the shadow instead
+    assert free - scheduler.allocator.free_blocks == sum(len(s.block_table) for s in seqs)
+    assert all(len(s.block_table) == scheduler.allocator.blocks_for(s.cache_len + 1) for s in seqs)
+    for seq in seqs[:2]:
+        seq.draft_odds.shadow = None
+    for _ in range(20):
+        seqs[1].draft_odds.record(3, 3)
+    chunks = scheduler._grow_decoding()  # two such rows do
+    assert [c.draft for c in chunks[:3]] == [(3, 1, 2), (3, 1, 2), ()]
 
 
 def test_the_worthwhile_draft_length_shrinks_with_the_batch_and_the_record() -> None:

@@ -21,6 +21,10 @@ STEP_TOKENS_PER_WEIGHT_READ = 8
 # length, so a sequence whose drafts hold less often than this does not draft at all (measured: open-ended
 # text at 16 streams, 2% of tokens drafted at ~50% acceptance, still lost 5-7%).
 MIN_RATE_BESIDE_OTHERS = 0.75
+# ...and those attention calls cost the step about this many tokens' worth however few rows draft, so beside
+# other rows a step verifies drafts only when together they are expected to add at least this many tokens
+# (measured: open-ended text at 16 streams, drafts adding ~1.7 accepted tokens a step still lost 8%).
+DRAFT_STEP_COST_TOKENS = 3.0
 # Weight of the past in a sequence's acceptance estimate (per verification), and its starting belief.
 ODDS_DECAY = 0.9
 ODDS_PRIOR = 0.5
@@ -81,6 +85,10 @@ class DraftOdds:
         if self.shadow is not None:
             self.record(int(token == self.shadow), 1)
             self.shadow = None
+
+    def expected(self, drafted: int) -> float:
+        """Draft tokens expected to be accepted out of `drafted`."""
+        return sum(self.rate ** i for i in range(1, drafted + 1))
 
     def length(self, limit: int, batch: int) -> int:
         """Draft tokens worth verifying beside `batch` running sequences (this one included), at most `limit`."""

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from llm_endpoint.backends.torch_engine.block_cache import BlockAllocator
+from llm_endpoint.backends.torch_engine.prompt_lookup import DRAFT_STEP_COST_TOKENS
 from llm_endpoint.backends.torch_engine.sequence import Sequence, Status
 from llm_endpoint.backends.torch_engine.session_cache import SessionCache
 
@@ -141,7 +142,21 @@ class Scheduler:
                 draft = self._draft(seq)
                 self.allocator.grow(seq.block_table, seq.cache_len + 1 + len(draft))
                 chunks.append(Chunk(seq, seq.computed, 1 + len(draft), draft))
-        return chunks
+        return self._drafts_that_pay(chunks)
+
+    def _drafts_that_pay(self, chunks: list[Chunk]) -> list[Chunk]:
+        """Beside other rows, the step's verifications cost attention calls of their own however few there
+        are: unless together they are expected to add DRAFT_STEP_COST_TOKENS, the step drafts nothing and
+        each draft is scored in the shadow instead."""
+        drafting = [chunk for chunk in chunks if chunk.draft]
+        if len(self.running) <= 1 or not drafting:
+            return chunks
+        if sum(chunk.seq.draft_odds.expected(len(chunk.draft)) for chunk in drafting) >= DRAFT_STEP_COST_TOKENS:
+            return chunks
+        for chunk in drafting:
+            chunk.seq.draft_odds.shadow = chunk.draft[0]
+            self.allocator.truncate(chunk.seq.block_table, chunk.seq.cache_len + 1)
+        return [Chunk(chunk.seq, chunk.start, 1) if chunk.draft else chunk for chunk in chunks]
 
     def _draft(self, seq: Sequence) -> tuple[int, ...]:
         """Prompt lookup's draft for a decoding sequence: never more than the tokens it may still generate
