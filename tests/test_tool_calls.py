@@ -18,7 +18,7 @@ from llm_endpoint.backends.config import ConfigError
 from llm_endpoint.backends.types import FinishReason, Token, TokenEvent
 from llm_endpoint.server.formatters import make_formatter
 from llm_endpoint.server.protocol import OutputOptions
-from llm_endpoint.server.request_parser import RequestParser
+from llm_endpoint.server.request_parser import InvalidRequest, RequestParser
 from llm_endpoint.server.tool_calls import CallArguments, CallStart, Content, Piece, ToolCallParser
 from tests.conftest import RunningServer, ServerPool, make_config
 
@@ -220,10 +220,13 @@ def test_bad_tool_requests_are_424_naming_the_field(tool_server: RunningServer, 
     _assert_424(_post(tool_server, **body), *words)
 
 
-def test_auto_needs_enable_auto_tool_choice(servers: ServerPool, backend: str, template_file: Path) -> None:
-    server = servers.get(backend, chat_template=str(template_file))
-    _assert_424(_post(server, tools=[WEATHER]), "option.enable_auto_tool_choice=true")
-    _assert_424(_post(server, tools=[WEATHER], tool_choice="auto"), "option.enable_auto_tool_choice=true")
+def test_auto_needs_enable_auto_tool_choice(tokenizer: Any) -> None:
+    """Without the option, `auto` (given or by default) is refused rather than answered without reading calls."""
+    parser = RequestParser(make_config(model_id="m", chat_template=TOOL_TEMPLATE), tokenizer, 2048)
+    for choice in ({}, {"tool_choice": "auto"}):
+        with pytest.raises(InvalidRequest, match=r"option.enable_auto_tool_choice=true") as err:
+            parser.parse({"messages": ASK, "tools": [WEATHER], **choice}, "r")
+        assert err.value.status == 424
 
 
 def test_lmi_chat_body_on_invocations_takes_tools(tool_server: RunningServer) -> None:
