@@ -604,7 +604,7 @@ class RequestParser:
             for j, call in enumerate(message.tool_calls):
                 try:
                     arguments = json.loads(call.function.arguments)
-                except (json.JSONDecodeError, RecursionError):
+                except (ValueError, RecursionError):  # ValueError: also an integer past Python's digit limit
                     raise InvalidRequest(f"'{field}.tool_calls.{j}.function.arguments' is not valid JSON: expected "
                                          "the call's arguments as JSON text") from None
                 calls.append({"id": call.id, "type": "function",

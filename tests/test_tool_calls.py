@@ -13,6 +13,7 @@ import jsonschema
 import openai
 import pytest
 import requests
+from openai.lib.streaming.chat import ChatCompletionStreamState
 
 from llm_endpoint.backends.config import ConfigError
 from llm_endpoint.backends.types import FinishReason, Token, TokenEvent
@@ -142,6 +143,24 @@ def test_streamed_deltas_assemble_to_the_same_call(oai: openai.OpenAI) -> None:
     assert arguments == whole.function.arguments
     assert_valid_call(fragments[0].function.name, arguments)
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    state = ChatCompletionStreamState()  # the openai client's own accumulation of a stream
+    for chunk in chunks:
+        state.handle_chunk(chunk)
+    final = state.get_final_completion().choices[0]
+    assert final.finish_reason == "tool_calls" and not final.message.content
+    [call] = final.message.tool_calls
+    assert (call.id, call.function.name, call.function.arguments) == (fragments[0].id, whole.function.name, arguments)
+
+
+def test_litellm_rebuilds_a_streamed_call(tool_server: RunningServer) -> None:
+    import litellm
+
+    chunks = list(litellm.completion(model="openai/m", api_base=tool_server.url + "/v1", api_key="x", messages=ASK,
+                                     tools=[WEATHER], tool_choice=NAMED, max_tokens=BUDGET, temperature=0,
+                                     stream=True))
+    message = litellm.stream_chunk_builder(chunks).choices[0].message
+    [call] = message.tool_calls
+    assert_valid_call(call.function.name, call.function.arguments)
 
 
 def test_follow_up_turn_with_the_tool_result(oai: openai.OpenAI) -> None:
