@@ -105,6 +105,12 @@ class ServingConfig(BaseModel):
     # Seconds and characters a chat template may spend rendering one request (user content cannot run code in
     # the sandboxed template, but a template's loops over it can be made to run long).
     chat_template_timeout: float = Field(2.0, gt=0)
+    # OpenAI tool calling, with vLLM's (and LMI's) option names: a chat template (a jinja file, or the template
+    # text itself) in place of the tokenizer's; whether `tool_choice="auto"` is served (the model decides,
+    # and its output is parsed for calls); and the format the model writes calls in.
+    chat_template: str | None = None
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: Literal["hermes"] = "hermes"
     # Bearer token every route but /ping requires (off when unset); SageMaker itself needs none.
     api_key: SecretStr | None = None
     # /models and /models/{name} show option.model_id (a local path or S3 URI) only when this is set.
@@ -147,7 +153,7 @@ class ServingConfig(BaseModel):
         return v
 
     @field_validator("trust_remote_code", "tgi_compat", "enforce_eager", "enable_stateful_sessions", "expose_model_url",
-                     mode="before")
+                     "enable_auto_tool_choice", mode="before")
     @classmethod
     def _strict_bool(cls, v: Any) -> Any:
         return parse_bool(v) if isinstance(v, str) else v

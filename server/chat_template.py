@@ -17,10 +17,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.nodes
 import jinja2.parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -116,35 +118,66 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+class ChatTemplateError(Exception):
+    """option.chat_template names no readable file, or its template does not compile."""
+
+
+def _override_source(value: str) -> str:
+    """option.chat_template's template text: the value itself when it holds a `{` (no path does, in practice),
+    else the file it names; checked to compile here so that a bad one stops start-up."""
+    if "{" in value:
+        source = value
+    else:
+        try:
+            source = Path(value).expanduser().read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ChatTemplateError(f"invalid option.chat_template={value!r}: cannot read it ({exc}): expected a "
+                                    "jinja file, or the template text itself") from None
+    try:
+        jinja2.Environment(extensions=[_GenerationTag, jinja2.ext.loopcontrols]).parse(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ChatTemplateError(f"invalid option.chat_template={value[:80]!r}: the template does not compile "
+                                f"(line {exc.lineno}: {exc.message})") from None
+    return source
+
+
 class ChatTemplate:
     """One model's chat template, compiled once, with the variables transformers gives it."""
 
     def __init__(self, source: str, special_tokens: Mapping[str, Any]) -> None:
+        """Raises jinja2's TemplateSyntaxError when `source` does not compile."""
         env = _BudgetedSandbox(trim_blocks=True, lstrip_blocks=True,
                                extensions=[_GenerationTag, jinja2.ext.loopcontrols])
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = _strftime_now
         self.template = env.from_string(source)
+        # A template renders tools only if it reads the `tools` variable; one that does not would silently
+        # drop them (and the model would never know it could call any).
+        self.supports_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(source))
         self.special_tokens = dict(special_tokens)
 
     @classmethod
-    def of(cls, tokenizer: Any) -> ChatTemplate | None:
-        """The tokenizer's default template (None when it has none)."""
+    def of(cls, tokenizer: Any, override: str | None = None) -> ChatTemplate | None:
+        """The template `override` (option.chat_template: a file, or template text when it holds a `{`), else
+        the tokenizer's default (None when it has none). Raises ChatTemplateError for an unusable override."""
+        if override is not None:
+            return cls(_override_source(override), tokenizer.special_tokens_map)
         if getattr(tokenizer, "chat_template", None) is None:
             return None
         return cls(tokenizer.get_chat_template(), tokenizer.special_tokens_map)
 
     def render(self, messages: Sequence[Mapping[str, Any]], *, timeout: float, max_chars: int,
-               add_generation_prompt: bool = True) -> str:
-        """The prompt text. Raises TemplateBudgetExceeded past the budget, jinja2's TemplateError (including
-        the template's own raise_exception) when the messages do not fit the template."""
+               add_generation_prompt: bool = True, tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        """The prompt text; `tools` are OpenAI's tool objects, as transformers passes them. Raises
+        TemplateBudgetExceeded past the budget, jinja2's TemplateError (including the template's own
+        raise_exception) when the messages do not fit the template."""
         budget = _Budget(time.monotonic() + timeout, timeout, max_chars)
         token = _BUDGET.set(budget)
         try:
             parts: list[str] = []
             size = 0
-            for part in self.template.generate(messages=list(messages), tools=None, documents=None,
+            for part in self.template.generate(messages=list(messages), tools=list(tools) if tools else None, documents=None,
                                                add_generation_prompt=add_generation_prompt, **self.special_tokens):
                 size += len(part)
                 budget.check_size(size, "output")

@@ -56,6 +56,9 @@ _OPTION_FIELDS = {
     "prompt_lookup_num_tokens": "prompt_lookup_num_tokens",
     "prompt_lookup_max_ngram": "prompt_lookup_max_ngram",
     "chat_template_timeout": "chat_template_timeout",
+    "chat_template": "chat_template",
+    "enable_auto_tool_choice": "enable_auto_tool_choice",
+    "tool_call_parser": "tool_call_parser",
     "api_key": "api_key",
     "expose_model_url": "expose_model_url",
 }
@@ -264,6 +267,8 @@ def _describe(field: str, err: Mapping[str, Any]) -> str:
         return "expected one of json, jsonlines, sse"
     if field == "device":
         return "expected one of auto, cpu, cuda"
+    if field == "tool_call_parser":
+        return "expected one of hermes"
     if field == "tensor_parallel_degree":
         return "expected 'max' or a positive integer"
     ctx = err.get("ctx") or {}

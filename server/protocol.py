@@ -100,9 +100,69 @@ class ChatContentPart(_Lenient):
     text: StrictStr
 
 
+FunctionName = Annotated[StrictStr, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
+class FunctionCall(_Lenient):
+    """A call the assistant made, as an agent sends it back: `arguments` is JSON text."""
+
+    name: FunctionName
+    arguments: StrictStr
+
+
+class ToolCallSpec(_Lenient):
+    id: StrictStr
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(_Lenient):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: StrictStr | list[ChatContentPart] | None = None
+    name: StrictStr | None = None
+    tool_calls: list[ToolCallSpec] | None = None  # assistant messages: the calls it made (content may be null)
+    tool_call_id: StrictStr | None = None  # tool messages: the call this is the result of
+
+
+class FunctionSpec(_Lenient):
+    """A function the model may call; `parameters` is a JSON schema (checked by request_parser)."""
+
+    name: FunctionName
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class ToolSpec(_Lenient):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(_Lenient):
+    name: StrictStr
+
+
+class NamedToolChoice(_Lenient):
+    """`tool_choice` naming the one function the model must call."""
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+_TOOL_CHOICES = ("none", "auto", "required")
+
+
+def _tool_choice(value: Any) -> str | NamedToolChoice | None:
+    """One message naming every form `tool_choice` takes, rather than one per union branch."""
+    if value is None or value in _TOOL_CHOICES:
+        return value
+    if isinstance(value, dict):
+        try:
+            return NamedToolChoice.model_validate(value)
+        except ValueError:
+            pass
+    allowed = """'none', 'auto', 'required' or {"type": "function", "function": {"name": ...}}"""
+    raise PydanticCustomError("out_of_range", "must be {allowed}", {"allowed": allowed})
 
 
 class StreamOptions(_Lenient):
@@ -153,6 +213,9 @@ class ChatCompletionRequest(_OpenAIRequest):
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_N_TOKENS)
+    tools: list[ToolSpec] | None = None
+    tool_choice: Annotated[Any, AfterValidator(_tool_choice)] = None
+    parallel_tool_calls: StrictBool = True
 
 
 class CompletionRequest(_OpenAIRequest):
@@ -182,6 +245,10 @@ class OutputOptions:
     top_logprobs: int = 0
     include_usage: bool = False
     echo: bool = False  # completions: the prompt comes before the completion
+    # chat with tools: how the output holds its calls ("hermes": tagged in text, "json": a constrained JSON
+    # array of calls, nothing else), and how many calls it may make (None: any number)
+    tool_calls: Literal["hermes", "json"] | None = None
+    max_tool_calls: int | None = None
     n: int = 1  # OpenAI: the choices the response holds
     candidates: int = 1  # ... and how many were generated to pick them from (`best_of`; at least n)
 

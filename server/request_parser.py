@@ -6,6 +6,7 @@ server turns it into LMI's `{"error": ..., "code": 424}`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -16,19 +17,21 @@ from typing import Any
 import jsonschema
 from pydantic import BaseModel, ValidationError
 
-from llm_endpoint.backends.config import ResponseFormat, ServingConfig
+from llm_endpoint.backends.config import ConfigError, ResponseFormat, ServingConfig
 from llm_endpoint.backends.errors import prompt_too_long
 from llm_endpoint.backends.types import GenerationRequest, SamplingParams
-from llm_endpoint.server.chat_template import ChatTemplate, TemplateBudgetExceeded
+from llm_endpoint.server.chat_template import ChatTemplate, ChatTemplateError, TemplateBudgetExceeded
 from llm_endpoint.server.protocol import (
     MAX_STOP_SEQUENCES,
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     LmiRequest,
     OutputOptions,
     ResponseFormatSpec,
 )
 from llm_endpoint.server.sessions import History, Turn
+from llm_endpoint.server.tool_calls import ToolCallFormat, constrained_schema
 
 MAX_STOP_SEQUENCE_CHARS = 512
 _ACCEPT_FORMATTERS: dict[str, ResponseFormat] = {
@@ -170,9 +173,7 @@ def _stop_list(value: str | Sequence[str] | None, field: str) -> tuple[str, ...]
 # a request using one gets a 424 naming it rather than a plain answer that silently ignored it. Each maps to the
 # values that ask for nothing (absent or null always does).
 _UNIMPLEMENTED: dict[str, tuple[Any, ...]] = {
-    "tools": ([],),
-    "tool_choice": ("none",),
-    "functions": ([],),
+    "functions": ([],),  # OpenAI's deprecated form of `tools`
     "function_call": ("none",),
     "logit_bias": ({},),
     "suffix": ("",),
@@ -180,10 +181,18 @@ _UNIMPLEMENTED: dict[str, tuple[Any, ...]] = {
     "modalities": (["text"],),
     "prediction": (),
 }
+TOOLS_NEED_TEMPLATE = "set option.chat_template to a template that renders them"
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's (and vLLM's) default max_tokens for completions
 
 
-def _refuse_unimplemented(payload: dict[str, Any]) -> None:
+_COMPLETION_ONLY_UNIMPLEMENTED = ("tools", "tool_choice")  # completions have no messages to hold calls
+
+
+def _refuse_unimplemented(payload: dict[str, Any], extra: tuple[str, ...] = ()) -> None:
+    for name in extra:
+        if payload.get(name) not in (None, [], "none"):
+            raise InvalidRequest(f"'{name}' is not supported on completions: expected it absent or null "
+                                 "(chat completions take tools)")
     for name, neutral in _UNIMPLEMENTED.items():
         value = payload.get(name)
         if value is not None and value not in neutral:
@@ -193,9 +202,10 @@ def _refuse_unimplemented(payload: dict[str, Any]) -> None:
 ANY_JSON_OBJECT = {"type": "object"}  # OpenAI's json_object, as a schema every engine's grammar compiler takes
 
 
-def json_schema_text(schema: dict[str, Any] | str, field: str) -> str:
+def json_schema_text(schema: dict[str, Any] | str, field: str, keep_order: bool = False) -> str:
     """A JSON schema (an object, or JSON text of one) as canonical text, once its metaschema accepts it; what is
-    wrong with it is a 424 naming `field`."""
+    wrong with it is a 424 naming `field`. `keep_order`: keys stay in their order, which grammar compilers
+    follow for properties (a call's name must come before its arguments for the call to stream named)."""
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
@@ -210,7 +220,7 @@ def json_schema_text(schema: dict[str, Any] | str, field: str) -> str:
         raise InvalidRequest(f"'{field}' is not a valid JSON schema: {exc.message} (at {where})") from None
     except (RecursionError, jsonschema.exceptions.UnknownType) as exc:
         raise InvalidRequest(f"'{field}' is not a usable JSON schema: {exc}") from None
-    return json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(schema, sort_keys=not keep_order, separators=(",", ":"), ensure_ascii=False)
 
 
 def _response_format(spec: ResponseFormatSpec | None) -> str | None:
@@ -286,7 +296,10 @@ class RequestParser:
         self.backend_name = backend_name
         self.supports_top_tokens = supports_top_tokens
         self.prompt_lookup_refusal = prompt_lookup_refusal or (lambda k: None)
-        self.chat_template = ChatTemplate.of(tokenizer)
+        try:
+            self.chat_template = ChatTemplate.of(tokenizer, config.chat_template)
+        except ChatTemplateError as exc:
+            raise ConfigError(str(exc)) from None
         # No prompt of more bytes than this fits in max_model_len tokens (bounded mode): every token spells at
         # most _longest_token bytes. With sinks, a rendered chat may be as long as a request body allows.
         self._longest_token = longest_token_bytes(tokenizer)
@@ -437,7 +450,7 @@ class RequestParser:
         self, payload: dict[str, Any], request_id: str, force_stream: bool, wanted: ResponseFormat | None,
         history: History | None,
     ) -> ParsedRequest:
-        _refuse_unimplemented(payload)
+        _refuse_unimplemented(payload, _COMPLETION_ONLY_UNIMPLEMENTED)
         req: CompletionRequest = _validate(CompletionRequest, payload)
         if history is not None:
             raise InvalidRequest("a stateful session continues with 'inputs' or 'messages', not a completions 'prompt'")
@@ -521,22 +534,17 @@ class RequestParser:
     ) -> ParsedRequest:
         _refuse_unimplemented(payload)
         req: ChatCompletionRequest = _validate(ChatCompletionRequest, payload)
-        if self.chat_template is None:
+        template = self.chat_template
+        if template is None:
             raise InvalidRequest("this model has no chat template: send an LMI body with 'inputs' instead of 'messages'")
-        messages = [
-            {
-                "role": m.role,
-                "content": m.content if isinstance(m.content, str) or m.content is None
-                else "".join(part.text for part in m.content),
-            }
-            for m in req.messages
-        ]
+        messages = [self._template_message(m, i, template.supports_tools) for i, m in enumerate(req.messages)]
+        tools, tool_format, tool_schema = self._tools(req, template.supports_tools)
         if history is not None and history.kind == "lmi":
             raise InvalidRequest("this session holds LMI 'inputs' text: continue it with 'inputs', not 'messages'")
         conversation = (history.messages if history is not None else []) + messages
         try:
-            prompt = self.chat_template.render(conversation, timeout=self.config.chat_template_timeout,
-                                               max_chars=self._max_prompt_chars)
+            prompt = template.render(conversation, timeout=self.config.chat_template_timeout,
+                                     max_chars=self._max_prompt_chars, tools=tools)
         except TemplateBudgetExceeded as exc:
             if exc.too_long and not self.unbounded:
                 raise InvalidRequest(self._too_long_in_bytes(f"more than {self._max_prompt_chars}")) from None
@@ -561,11 +569,95 @@ class RequestParser:
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             n=req.n,
             candidates=req.n,
+            tool_calls=tool_format,
+            max_tool_calls=None if req.parallel_tool_calls else 1,
         )
         params = self._openai_sampling(
             req, self._max_new_tokens(req.max_completion_tokens or req.max_tokens, self.max_model_len, len(ids),
                                       "max_tokens"),
             temperature, top_n, output,
         )
+        if tool_schema is not None:
+            params = dataclasses.replace(params, json_schema=tool_schema)
         turn = Turn("chat", messages=tuple(messages)) if history is not None else None
         return ParsedRequest(GenerationRequest(request_id, ids, params, prompt), output, turn)
+
+    @staticmethod
+    def _template_message(message: ChatMessage, index: int, supports_tools: bool) -> dict[str, Any]:
+        """A message as chat templates read it (vLLM's and transformers' shape): text content; an assistant's
+        calls with their arguments as objects (templates write them with `tojson`); a tool result's call id."""
+        field = f"messages.{index}"
+        if (message.tool_calls or message.role == "tool") and not supports_tools:
+            raise InvalidRequest(f"'{field}' holds tool calls or a tool result, but the model's chat template "
+                                 f"does not support tools: {TOOLS_NEED_TEMPLATE}")
+        content = message.content
+        out: dict[str, Any] = {
+            "role": message.role,
+            "content": content if isinstance(content, str) or content is None else "".join(p.text for p in content),
+        }
+        if message.name is not None:
+            out["name"] = message.name
+        if message.tool_calls:
+            if message.role != "assistant":
+                raise InvalidRequest(f"'{field}.tool_calls' is only for assistant messages (got role {message.role!r})")
+            calls = []
+            for j, call in enumerate(message.tool_calls):
+                try:
+                    arguments = json.loads(call.function.arguments)
+                except (ValueError, RecursionError):  # ValueError: also an integer past Python's digit limit
+                    raise InvalidRequest(f"'{field}.tool_calls.{j}.function.arguments' is not valid JSON: expected "
+                                         "the call's arguments as JSON text") from None
+                calls.append({"id": call.id, "type": "function",
+                              "function": {"name": call.function.name, "arguments": arguments}})
+            out["tool_calls"] = calls
+            if content is None:
+                del out["content"]  # as vLLM passes it: templates test `message.content` and skip it
+        if message.role == "tool":
+            if message.tool_call_id is None:
+                raise InvalidRequest(f"'{field}.tool_call_id' is required for a tool message: expected the id "
+                                     "of the call it answers")
+            out["tool_call_id"] = message.tool_call_id
+        return out
+
+    def _tools(
+        self, req: ChatCompletionRequest, supports_tools: bool
+    ) -> tuple[list[dict[str, Any]] | None, ToolCallFormat | None, str | None]:
+        """The tools the template renders, how the output holds calls, and the schema that constrains it to
+        calls (`tool_choice` "required" or a named function); (None, None, None) for a plain chat."""
+        choice = req.tool_choice
+        if not req.tools:
+            if choice not in (None, "none"):
+                raise InvalidRequest("'tool_choice' needs 'tools': expected it absent or 'none' without tools")
+            return None, None, None
+        names = [tool.function.name for tool in req.tools]
+        for i, tool in enumerate(req.tools):
+            if tool.function.parameters is not None:
+                json_schema_text(tool.function.parameters, f"tools.{i}.function.parameters")
+            if tool.function.name in names[:i]:
+                raise InvalidRequest(f"'tools.{i}.function.name' {tool.function.name!r} is given twice: expected "
+                                     "unique function names")
+        if choice == "none":  # OpenAI: the model answers without calling any tool
+            return None, None, None
+        if not supports_tools:
+            raise InvalidRequest(f"'tools': the model's chat template does not support tools; {TOOLS_NEED_TEMPLATE}")
+        tools = [tool.model_dump(exclude_none=True) for tool in req.tools]
+        if choice is None or choice == "auto":
+            if not self.config.enable_auto_tool_choice:
+                raise InvalidRequest("'tool_choice'='auto' (the default with tools) needs "
+                                     "option.enable_auto_tool_choice=true on this endpoint: set it, or send "
+                                     "'required' or a named function")
+            return tools, self.config.tool_call_parser, None
+        if req.response_format is not None and req.response_format.type != "text":
+            raise InvalidRequest("'response_format' cannot be combined with 'tool_choice' 'required' or a named "
+                                 "function (the output is the calls): drop one of them")
+        functions = [(tool.function.name, tool.function.parameters) for tool in req.tools]
+        if choice == "required":
+            schema = constrained_schema(functions, req.parallel_tool_calls)
+        else:
+            chosen = [f for f in functions if f[0] == choice.function.name]
+            if not chosen:
+                raise InvalidRequest(f"'tool_choice.function.name' {choice.function.name!r} is not among 'tools' "
+                                     f"(expected one of {', '.join(names)})")
+            schema = constrained_schema(chosen, parallel=False)
+        return tools, "json", json_schema_text(schema, "tools", keep_order=True)
+

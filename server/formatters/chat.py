@@ -21,6 +21,7 @@ from llm_endpoint.server.formatters.lmi import (
     stream_framing,
 )
 from llm_endpoint.server.protocol import OutputOptions
+from llm_endpoint.server.tool_calls import CallArguments, CallStart, Content, Piece, ToolCallParser
 
 # OpenAI has no finish reason for a failed generation; "error" (LMI's own value) shows the failure where
 # "stop" would pass it off as a normal end. The openai client does not validate the value.
@@ -32,6 +33,26 @@ FINISH_REASONS: dict[FinishReason, str] = {
 }
 
 SSE_DONE = "data: [DONE]\n\n"
+
+
+def _delta(pieces: list[Piece]) -> dict[str, Any]:
+    """Content and tool-call pieces as one OpenAI delta (or message): content text, and per call its `index`,
+    then `id`, `type` and name where it starts, and the arguments text that came with it."""
+    delta: dict[str, Any] = {}
+    content = "".join(p.text for p in pieces if isinstance(p, Content))
+    if content:
+        delta["content"] = content
+    calls: dict[int, dict[str, Any]] = {}
+    for piece in pieces:
+        if isinstance(piece, CallStart):
+            calls[piece.index] = {"index": piece.index, "id": piece.id, "type": "function",
+                                  "function": {"name": piece.name, "arguments": ""}}
+        elif isinstance(piece, CallArguments):
+            call = calls.setdefault(piece.index, {"index": piece.index, "function": {"arguments": ""}})
+            call["function"]["arguments"] += piece.text
+    if calls:
+        delta["tool_calls"] = list(calls.values())
+    return delta
 
 
 def _logprob(token: Token) -> dict[str, Any]:
@@ -70,9 +91,18 @@ class OpenAIFormatter(BufferedFormatter):
         out = [self._chunk([], self._usage())] if self.options.include_usage else []
         return out + [SSE_DONE] if self.framing == "sse" else out
 
+    def _tool_parser(self) -> ToolCallParser | None:
+        """A reader of one choice's calls, when the request has tools to call."""
+        if self.options.tool_calls is None:
+            return None
+        return ToolCallParser(self.options.tool_calls, self.options.max_tool_calls)
+
     @staticmethod
-    def _finish_reason(transcript: Transcript) -> str | None:
+    def _finish_reason(transcript: Transcript, called: bool = False) -> str | None:
+        """OpenAI's `tool_calls` when the model ended by itself after calling tools."""
         reason = transcript.finish_reason
+        if called and reason in (FinishReason.EOS_TOKEN, FinishReason.STOP_SEQUENCE):
+            return "tool_calls"
         return FINISH_REASONS[reason] if reason else None
 
     def _choices(self) -> list[Transcript]:
@@ -128,11 +158,18 @@ class ChatCompletionFormatter(OpenAIFormatter):
         logprobs = None
         if self.options.logprobs:
             logprobs = {"content": [self._logprobs_content(tok, top) for tok, top in zip(t.tokens, t.top_tokens)]}
+        message: dict[str, Any] = {"role": "assistant", "content": t.text}
+        parser = self._tool_parser()
+        if parser is not None:
+            found = _delta(parser.feed(t.text) + parser.finish())
+            message = {"role": "assistant", "content": found.get("content")}
+            if "tool_calls" in found:
+                message["tool_calls"] = [{k: v for k, v in call.items() if k != "index"} for call in found["tool_calls"]]
         return {
             "index": index,
-            "message": {"role": "assistant", "content": t.text},
+            "message": message,
             "logprobs": logprobs,
-            "finish_reason": self._finish_reason(t),
+            "finish_reason": self._finish_reason(t, "tool_calls" in message),
         }
 
 
@@ -148,9 +185,13 @@ class ChatChunkFormatter(OpenAIFormatter):
 
     _framing = staticmethod(stream_framing)
 
+    def __init__(self, options: OutputOptions, request_id: str) -> None:
+        super().__init__(options, request_id)
+        self.tool_parsers = [self._tool_parser() for _ in self.transcripts]
+
     @staticmethod
     def _choice(
-        index: int, delta: dict[str, str], logprobs: dict[str, Any] | None, finish_reason: str | None
+        index: int, delta: dict[str, Any], logprobs: dict[str, Any] | None, finish_reason: str | None
     ) -> dict[str, Any]:
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
@@ -159,12 +200,16 @@ class ChatChunkFormatter(OpenAIFormatter):
         index, t = event.choice, self.transcripts[event.choice]
         if len(t.tokens) == 1:
             out.append(self._chunk([self._choice(index, {"role": "assistant", "content": ""}, None, None)]))
-        if event.token.text or self.options.logprobs or event.finished:
+        parser = self.tool_parsers[index]
+        delta: dict[str, Any] = {"content": event.token.text}
+        if parser is not None:  # text that may belong to a call is held back; calls go out as tool_calls
+            delta = _delta(parser.feed(event.token.text) + (parser.finish() if event.finished else []))
+        if delta.get("content") or "tool_calls" in delta or self.options.logprobs or event.finished:
             logprobs = None
             if self.options.logprobs:
                 logprobs = {"content": [self._logprobs_content(event.token, event.top_tokens)]}
-            delta = {"content": event.token.text}
-            out.append(self._chunk([self._choice(index, delta, logprobs, self._finish_reason(t))]))
+            called = parser is not None and parser.calls > 0
+            out.append(self._chunk([self._choice(index, delta, logprobs, self._finish_reason(t, called))]))
         if self.all_finished:
             out += self._stream_end()
         return out
