@@ -202,10 +202,11 @@ def _refuse_unimplemented(payload: dict[str, Any], extra: tuple[str, ...] = ()) 
 ANY_JSON_OBJECT = {"type": "object"}  # OpenAI's json_object, as a schema every engine's grammar compiler takes
 
 
-def json_schema_text(schema: dict[str, Any] | str, field: str, keep_order: bool = False) -> str:
-    """A JSON schema (an object, or JSON text of one) as canonical text, once its metaschema accepts it; what is
-    wrong with it is a 424 naming `field`. `keep_order`: keys stay in their order, which grammar compilers
-    follow for properties (a call's name must come before its arguments for the call to stream named)."""
+def json_schema_text(schema: dict[str, Any] | str, field: str) -> str:
+    """A JSON schema (an object, or JSON text of one) as compact text, once its metaschema accepts it; what is
+    wrong with it is a 424 naming `field`. Keys keep their order: every engine's grammar writes properties in
+    the order the schema lists them, as OpenAI's strict mode does (and a tool call's name must come before its
+    arguments for the call to stream named)."""
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
@@ -220,7 +221,7 @@ def json_schema_text(schema: dict[str, Any] | str, field: str, keep_order: bool 
         raise InvalidRequest(f"'{field}' is not a valid JSON schema: {exc.message} (at {where})") from None
     except (RecursionError, jsonschema.exceptions.UnknownType) as exc:
         raise InvalidRequest(f"'{field}' is not a usable JSON schema: {exc}") from None
-    return json.dumps(schema, sort_keys=not keep_order, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
 
 
 def _response_format(spec: ResponseFormatSpec | None) -> str | None:
@@ -659,5 +660,5 @@ class RequestParser:
                 raise InvalidRequest(f"'tool_choice.function.name' {choice.function.name!r} is not among 'tools' "
                                      f"(expected one of {', '.join(names)})")
             schema = constrained_schema(chosen, parallel=False)
-        return tools, "json", json_schema_text(schema, "tools", keep_order=True)
+        return tools, "json", json_schema_text(schema, "tools")
 

@@ -52,6 +52,7 @@ def test_json_schema_output_validates(oai, temperature: float) -> None:
     choice = reply.choices[0]
     assert choice.finish_reason == "stop", choice.message.content
     jsonschema.validate(json.loads(choice.message.content), PERSON)
+    assert list(json.loads(choice.message.content)) == list(PERSON["properties"])  # the schema's order, as OpenAI
 
 
 def test_json_object_output_is_an_object(oai) -> None:
