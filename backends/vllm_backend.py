@@ -24,6 +24,7 @@ from llm_endpoint.backends.base import Backend, BackendStats
 from llm_endpoint.backends.config import ConfigError, ServingConfig, parse_bool
 from llm_endpoint.backends.errors import BackendError, BackendUnavailable, RequestRejected
 from llm_endpoint.backends.model_files import ModelFiles
+from llm_endpoint.backends.text import IncrementalDetokenizer
 from llm_endpoint.backends.types import FinishReason, GenerationRequest, SamplingParams, Token, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class VllmBackend(Backend):
         self._config = config
         self._files = files
         self._max_model_len = max_model_len
+        self._tokenizer = tokenizer
         self._special_ids = frozenset(tokenizer.all_special_ids)
         self._engine: Any = None
         self._waiting = 0  # requests that have not produced a token yet
@@ -80,6 +82,8 @@ class VllmBackend(Backend):
             tokens_input(list(request.prompt_token_ids)), sampling_params(request.params), request.request_id
         )
         prefill: list[Token] = []
+        # Each token's own piece of the text, whatever vLLM merged into one output (see `_events`).
+        pieces = IncrementalDetokenizer(self._tokenizer, request.prompt_token_ids, special_ids=self._special_ids)
         started = finished = False
         cached = 0
         self._waiting += 1
@@ -99,7 +103,7 @@ class VllmBackend(Backend):
                 completion = out.outputs[0]
                 finished = out.finished
                 cached = max(cached, getattr(out, "num_cached_tokens", None) or 0)  # prefix-cache hits
-                events = self._events(completion, request.params.top_n_tokens)
+                events = self._events(completion, request.params.top_n_tokens, pieces)
                 if finished:
                     await anext(stream, None)  # let vLLM's generator end normally (closing it would abort)
                     if not events:
@@ -124,13 +128,16 @@ class VllmBackend(Backend):
                 await self._engine.abort(request.request_id)
             await stream.aclose()
 
-    def _events(self, completion: Any, top_n: int) -> list[TokenEvent]:
-        """One event per token of this output (several when the consumer fell behind and vLLM merged steps)."""
+    def _events(self, completion: Any, top_n: int, detokenizer: IncrementalDetokenizer) -> list[TokenEvent]:
+        """One event per token of this output (several when the consumer fell behind and vLLM merged steps).
+
+        vLLM's text is the truth; it is shared among the tokens by our own detokenizer's pieces, so a token's
+        text does not depend on how many steps vLLM merged. vLLM's per-token `decoded_token` cannot serve:
+        it keeps special tokens the text skips, and exists only when log-probs were asked for.
+        """
         ids = list(completion.token_ids)
-        # None when the request asked for no log-probs: then vLLM decoded no per-token pieces either.
-        positions = completion.logprobs or [{}] * len(ids)
-        pieces = [_decoded(pos.get(tid)) for tid, pos in zip(ids, positions)]
-        texts = split_text(completion.text, pieces)
+        positions = completion.logprobs or [{}] * len(ids)  # None when the request asked for no log-probs
+        texts = split_text(completion.text, [detokenizer.add(tid) for tid in ids])
         events = []
         for tid, pos, text in zip(ids, positions, texts):
             chosen = pos.get(tid)
@@ -159,13 +166,14 @@ def _decoded(logprob: Any) -> str:
 def split_text(text: str, pieces: list[str]) -> list[str]:
     """Share `text`, released for several tokens at once, among them so the parts concatenate to `text`.
 
-    Each token keeps its own decoded piece while the pieces line up with the text; from the first that does
-    not (text held back for a possible stop string, a partial character) the rest goes to the last token.
+    Each token keeps its own decoded piece (possibly empty: a partial character, a skipped special token)
+    while the pieces line up with the text; from the first that does not (text held back for a possible stop
+    string) the rest goes to the last token.
     """
     parts: list[str] = []
     pos = 0
     for piece in pieces[:-1]:
-        if not piece or not text.startswith(piece, pos):
+        if not text.startswith(piece, pos):
             break
         parts.append(piece)
         pos += len(piece)
