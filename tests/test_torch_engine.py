@@ -14,6 +14,7 @@ from llm_endpoint.backends.errors import BackendError
 from llm_endpoint.backends.torch_engine.block_cache import BlockAllocator, OutOfBlocks, PagedKVCache, slot_mapping
 from llm_endpoint.backends.torch_engine.engine import kv_cache_blocks
 from llm_endpoint.backends.torch_engine.forward_batch import ForwardBatch, Span
+from llm_endpoint.backends.torch_engine.linear import EXACT_ROWS, PackedLinear, padded_rows
 from llm_endpoint.backends.torch_engine.sampling import (
     RowFailure,
     RowSample,
@@ -27,6 +28,35 @@ from llm_endpoint.backends.torch_engine.sequence import Sequence, Status
 from llm_endpoint.backends.types import GenerationRequest, SamplingParams, TokenEvent
 from tests.engine_harness import EngineHarness, Stream
 from tests.test_reference_equivalence import PROMPTS
+
+# ---- packed linear layers --------------------------------------------------------------------------
+
+
+def test_row_counts_reaching_onednn_are_few_and_padding_is_small() -> None:
+    sizes = [padded_rows(rows) for rows in range(1, 1025)]
+    assert sizes[:EXACT_ROWS] == list(range(1, EXACT_ROWS + 1))
+    assert sizes == sorted(sizes)
+    assert all(rows <= size <= max(rows + EXACT_ROWS - 1, rows * 9 // 8) for rows, size in enumerate(sizes, 1))
+    assert len(set(sizes)) <= 48  # oneDNN caches a primitive per size: this bounds what it builds
+
+
+def test_packed_linear_on_padded_rows_is_bit_identical_to_f_linear() -> None:
+    """bf16, where the weight is packed for oneDNN: every row count, padded or not, gives exactly F.linear's
+    rows, and oneDNN only ever sees the padded sizes."""
+    torch.manual_seed(0)
+    weight = (torch.randn(96, 64) * 0.05).to(torch.bfloat16)
+    bias = torch.randn(96).to(torch.bfloat16)
+    linear = PackedLinear(weight, bias)
+    if not linear.packed:
+        pytest.skip("oneDNN weight packing is not available or not exact on this CPU")
+    seen: list[int] = []
+    product = linear._packed_product
+    linear._packed_product = lambda x, packed: (seen.append(x.shape[0]), product(x, packed))[1]  # type: ignore[method-assign]
+    for rows in (1, 7, 16, 17, 31, 33, 100, 129, 300):
+        x = torch.randn(rows, 64).to(torch.bfloat16)
+        assert torch.equal(linear(x), torch.nn.functional.linear(x, weight, bias)), rows
+    assert seen == [padded_rows(rows) for rows in (1, 7, 16, 17, 31, 33, 100, 129, 300)]
+
 
 # ---- block allocator and paged cache -------------------------------------------------------------
 
