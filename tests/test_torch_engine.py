@@ -52,10 +52,11 @@ def test_packed_linear_on_padded_rows_is_bit_identical_to_f_linear() -> None:
     seen: list[int] = []
     product = linear._packed_product
     linear._packed_product = lambda x, packed: (seen.append(x.shape[0]), product(x, packed))[1]  # type: ignore[method-assign]
-    for rows in (1, 7, 16, 17, 31, 33, 100, 129, 300):
+    counts = (1, 7, 16, 17, 31, 33, 100, 129, 300)
+    for rows in counts:
         x = torch.randn(rows, 64).to(torch.bfloat16)
         assert torch.equal(linear(x), torch.nn.functional.linear(x, weight, bias)), rows
-    assert seen == [padded_rows(rows) for rows in (1, 7, 16, 17, 31, 33, 100, 129, 300)]
+    assert seen == [padded_rows(rows) for rows in counts]
 
 
 # ---- block allocator and paged cache -------------------------------------------------------------
