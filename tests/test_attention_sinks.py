@@ -64,7 +64,7 @@ def test_eviction_drops_whole_blocks_keeps_the_sinks_and_reindexes_the_survivors
     keys = torch.stack([rerotate(base[p], -p) for p in range(length)])
     slots = torch.tensor(slot_mapping(table, 0, length, block))
     for layer in range(2):
-        cache.write(layer, slots, keys, positions.expand(length, 1, dim).contiguous())
+        cache.write(layer, slots, torch.stack((keys, positions.expand(length, 1, dim)), dim=1))
     before = allocator.used_blocks
 
     new_len = evict(cache, allocator, table, sinks=sinks, cache_len=length, count=count, rerotate=rerotate)

@@ -108,14 +108,14 @@ def test_paged_cache_reads_back_what_was_written_through_a_scattered_table() -> 
     keys = torch.randn(length, kv_heads, dim)
     values = torch.randn(length, kv_heads, dim)
     slots = torch.tensor(slot_mapping(table, 0, length, block_size))
-    cache.write(1, slots, keys, values)
+    cache.write(1, slots, torch.stack((keys, values), dim=1))
     got_k, got_v = cache.gather(1, torch.tensor([table]))
     assert got_k.shape == (1, kv_heads, 12, dim)
     assert torch.equal(got_k[0, :, :length], keys.transpose(0, 1))
     assert torch.equal(got_v[0, :, :length], values.transpose(0, 1))
     other_k, _ = cache.gather(0, torch.tensor([table]))
     assert not other_k.any()  # layer 0 untouched
-    cache.write(1, slots[4:6], keys[:2] + 1, values[:2])  # overwrite positions 4, 5 only
+    cache.write(1, slots[4:6], torch.stack((keys[:2] + 1, values[:2]), dim=1))  # overwrite positions 4, 5 only
     got_k, _ = cache.gather(1, torch.tensor([table]))
     assert torch.equal(got_k[0, :, 4:6], (keys[:2] + 1).transpose(0, 1))
     assert torch.equal(got_k[0, :, :4], keys[:4].transpose(0, 1))
@@ -371,6 +371,44 @@ def test_engine_greedy_equals_transformers_with_rows_joining_and_leaving(
     for stream in first_wave + second_wave:
         assert stream.error is None, stream.error
         assert stream.token_ids == _reference(hf_model, tokenizer, stream.prompt, stream.max_new_tokens), stream.prompt
+
+
+def _prompt_logprobs(logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """Each prompt token's log-prob given the tokens before it."""
+    return torch.log_softmax(logits[:-1].float(), dim=-1).gather(1, torch.tensor(ids[1:]).view(-1, 1)).view(-1)
+
+
+def test_our_bf16_forward_tracks_fp32_at_least_as_closely_as_transformers_bf16(
+    model_dir: Path, tokenizer: Any, hf_model: Any
+) -> None:
+    """bf16, the default on CPUs with native bf16, is not bit-equal to anything (our norm rounds once where
+    transformers rounds twice), so it is held to accuracy: the prompt's log-probs against the fp32 model,
+    no further off than transformers' own bf16 forward. A wrong rotation, cache layout or head grouping
+    puts it off by whole nats."""
+    from transformers import AutoModelForCausalLM
+
+    from llm_endpoint.backends.torch_engine import attention
+    from llm_endpoint.backends.torch_engine.block_cache import AttentionShape
+    from llm_endpoint.backends.torch_engine.llama import LlamaForward
+
+    ids = tokenizer(PROMPTS[0] + " " + PROMPTS[1])["input_ids"]
+    with torch.inference_mode():
+        exact = _prompt_logprobs(hf_model(torch.tensor([ids])).logits[0], ids)
+        theirs_model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16).eval()
+        theirs = _prompt_logprobs(theirs_model(torch.tensor([ids])).logits[0], ids)
+        ours_model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16,
+                                                          attn_implementation=attention.NAME).eval()
+        shape = AttentionShape.of(ours_model.config)
+        cache = PagedKVCache(num_layers=shape.layers, num_blocks=8, block_size=16, num_kv_heads=shape.kv_heads,
+                             head_dim=shape.head_dim, dtype=torch.bfloat16, device=torch.device("cpu"))
+        cache.clear(list(range(8)))
+        table = [6, 1, 4, 0, 7, 2][: -(-len(ids) // 16)]
+        batch = ForwardBatch.build([Span(0, len(ids), 0, table)], [ids], block_size=16, group=shape.group,
+                                   dtype=torch.bfloat16, device=torch.device("cpu"))
+        hidden = LlamaForward(ours_model)(batch, cache)
+        ours = _prompt_logprobs(ours_model.lm_head(hidden), ids)
+    ours_error, their_error = (ours - exact).abs().mean().item(), (theirs - exact).abs().mean().item()
+    assert ours_error <= 1.25 * their_error + 1e-3, (ours_error, their_error)
 
 
 def test_engine_fails_only_the_poisoned_request(model_dir: Path, tokenizer: Any) -> None:

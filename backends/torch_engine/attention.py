@@ -22,15 +22,20 @@ def attend(cache: PagedKVCache, batch: ForwardBatch, layer: int, query: torch.Te
     tokens, heads, dim = query.shape
     kv_heads = cache.num_kv_heads
     group = heads // kv_heads
-    out = query.new_empty(query.shape)
+    outs: list[torch.Tensor] = []
     for rows in batch.groups:
         keys, values = cache.gather(layer, rows.tables)
         n, c = rows.tables.shape[0], rows.count
-        q = query[rows.start : rows.stop].view(n, c, kv_heads, group, dim).permute(0, 2, 3, 1, 4)
-        o = F.scaled_dot_product_attention(q.reshape(n, kv_heads, group * c, dim), keys, values,
-                                           attn_mask=rows.mask, scale=scale)
-        out[rows.start : rows.stop] = o.view(n, kv_heads, group, c, dim).permute(0, 3, 1, 2, 4).reshape(n * c, heads, dim)
-    return out
+        q = query if len(batch.groups) == 1 else query[rows.start : rows.stop]
+        if c == 1:  # decode rows: [n, heads, dim] already is [n, kv_heads, group, dim]
+            o = F.scaled_dot_product_attention(q.view(n, kv_heads, group, dim), keys, values,
+                                               attn_mask=rows.mask, scale=scale)
+            outs.append(o.reshape(n, heads, dim))
+            continue
+        q = q.view(n, c, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(n, kv_heads, group * c, dim)
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=rows.mask, scale=scale)
+        outs.append(o.view(n, kv_heads, group, c, dim).permute(0, 3, 1, 2, 4).reshape(n * c, heads, dim))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)  # groups are in token order, back to back
 
 
 class StepContext:

@@ -98,14 +98,14 @@ def evict(cache: PagedKVCache, allocator: BlockAllocator, table: list[int], *, s
     dropped = count // block
     if partial:
         source, target = table[first], table[first + dropped]
-        for pool in (*cache.keys, *cache.values):
+        for pool in cache.pools:  # keys and values
             pool[target, :partial] = pool[source, :partial]
     allocator.drop(table, first, dropped)
     new_len = cache_len - count
     if new_len > sinks:
         slots = torch.tensor(slot_mapping(table, sinks, new_len - sinks, block), dtype=torch.long,
-                             device=cache.keys[0].device)
-        for pool in cache.keys:
-            flat = pool.view(-1, cache.num_kv_heads, cache.head_dim)
-            flat.index_copy_(0, slots, rerotate(flat.index_select(0, slots), count))
+                             device=cache.device)
+        for layer in range(len(cache.pools)):
+            keys = cache.keys(layer)
+            keys.index_copy_(0, slots, rerotate(keys.index_select(0, slots), count))
     return new_len

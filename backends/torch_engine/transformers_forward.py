@@ -24,8 +24,9 @@ class _PagedWrites(Cache):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # [1, kv_heads, tokens, dim] -> [tokens, kv_heads, dim]
-        self._cache.write(layer_idx, self._batch.slots, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
+        # [1, kv_heads, tokens, dim] twice -> [tokens, 2, kv_heads, dim]
+        both = torch.stack((key_states[0], value_states[0]), dim=1).transpose(0, 2)
+        self._cache.write(layer_idx, self._batch.slots, both)
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
