@@ -27,14 +27,14 @@ def attend(cache: PagedKVCache, batch: ForwardBatch, layer: int, query: torch.Te
         keys, values = cache.gather(layer, rows.tables)
         n, c = rows.tables.shape[0], rows.count
         q = query if len(batch.groups) == 1 else query[rows.start : rows.stop]
-        if c == 1:  # decode rows: [n, heads, dim] already is [n, kv_heads, group, dim]
-            o = F.scaled_dot_product_attention(q.view(n, kv_heads, group, dim), keys, values,
-                                               attn_mask=rows.mask, scale=scale)
-            outs.append(o.reshape(n, heads, dim))
-            continue
-        q = q.view(n, c, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(n, kv_heads, group * c, dim)
+        if c == 1:  # decode rows: [n, heads, dim] already is [n, kv_heads, group, dim], no permutes
+            q = q.view(n, kv_heads, group, dim)
+        else:
+            q = q.view(n, c, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(n, kv_heads, group * c, dim)
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=rows.mask, scale=scale)
-        outs.append(o.view(n, kv_heads, group, c, dim).permute(0, 3, 1, 2, 4).reshape(n * c, heads, dim))
+        if c > 1:
+            o = o.view(n, kv_heads, group, c, dim).permute(0, 3, 1, 2, 4)
+        outs.append(o.reshape(n * c, heads, dim))
     return outs[0] if len(outs) == 1 else torch.cat(outs)  # groups are in token order, back to back
 
 

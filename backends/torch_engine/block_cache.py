@@ -133,6 +133,8 @@ class PagedKVCache:
         self.device = device
         shape = (num_blocks, block_size, 2, num_kv_heads, head_dim)
         self.pools = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # the same memory by flat slot (block * block_size + offset), made once rather than every step
+        self._by_slot = [pool.view(-1, 2, num_kv_heads, head_dim) for pool in self.pools]
 
     def clear(self, blocks: list[int]) -> None:
         index = torch.tensor(blocks, dtype=torch.long, device=self.device)
@@ -141,11 +143,11 @@ class PagedKVCache:
 
     def keys(self, layer: int) -> torch.Tensor:
         """The layer's keys by flat slot (block * block_size + offset), [slots, kv_heads, head_dim], a view."""
-        return self.pools[layer].view(-1, 2, self.num_kv_heads, self.head_dim)[:, 0]
+        return self._by_slot[layer][:, 0]
 
     def write(self, layer: int, slots: torch.Tensor, keys_and_values: torch.Tensor) -> None:
         """Store `keys_and_values` [tokens, 2, kv_heads, head_dim] (key then value) at flat slots."""
-        self.pools[layer].view(-1, 2, self.num_kv_heads, self.head_dim).index_copy_(0, slots, keys_and_values)
+        self._by_slot[layer].index_copy_(0, slots, keys_and_values)
 
     def gather(self, layer: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of rows whose block tables are `tables` [rows, blocks] (padded with any valid
