@@ -6,9 +6,9 @@ at concurrency 1 and 16, in one run on the demo model.
 Each (backend, prompt lookup on/off) is one server (`option.prompt_lookup_num_tokens=K` or 0), both up at
 once; every level runs `--repeats` times on each, the arms alternating, and the median is reported. Driven by
 closed-loop clients (LMI streaming body, greedy, `--new-tokens` tokens with ignore_eos). Reported: output
-tokens/s, the ratio to the same backend without drafts, and for our engine the acceptance rate (accepted
-/ proposed drafts, `llm_draft_tokens_total`) and the mean tokens per verification step. The OpenVINO rows
-are GenAI's own prompt lookup, on the same prompts.
+tokens/s, the ratio to the same backend without drafts, the mean tokens per step (from the accepted drafts
+in `llm_draft_tokens_total`) and, where the engine says how many it proposed (ours, vLLM), the acceptance
+rate. The OpenVINO rows are GenAI's own prompt lookup, on the same prompts.
 
 Usage (repository root, quiet machine; ~20 minutes on 2 cores; OpenVINO needs LLM_ENDPOINT_OPTIMUM_CLI):
 
@@ -140,7 +140,7 @@ def main() -> None:
                                "tok_s": statistics.median(r["tok_s"] for r in results),
                                "tok_s_runs": [round(r["tok_s"], 1) for r in results],
                                "acceptance": accepted / proposed if proposed else None,
-                               "tokens_per_step": tokens / (tokens - accepted) if proposed else None}
+                               "tokens_per_step": tokens / (tokens - accepted) if k and tokens > accepted else None}
                         rows.append(row)
                         print(f"[pld] {row}", file=sys.stderr, flush=True)
         finally:

@@ -55,7 +55,8 @@ class Metrics:
         )
         self.generated_tokens = Counter("llm_generation_tokens", "Tokens generated", registry=r)
         self.draft_tokens = Counter(
-            "llm_draft_tokens", "Prompt-lookup draft tokens proposed, and accepted by verification (ours and vLLM)",
+            "llm_draft_tokens",
+            "Prompt-lookup draft tokens proposed (ours, vLLM) and accepted by verification (ours, vLLM, OpenVINO)",
             ["result"], registry=r,
         )
 

@@ -214,11 +214,11 @@ def test_the_per_request_parameter_and_its_refusals(servers: ServerPool, backend
     url = servers.get(backend, prompt_lookup_num_tokens="4").url
     res = _generate(url, GROUNDED, 4, prompt_lookup_num_tokens=-1)
     assert res.status_code == 424 and "prompt_lookup_num_tokens" in res.json()["error"]
-    if backend in ("scheduler", "vllm"):  # the engines that report their drafts
-        before = _draft_metric(url, "accepted")
-        for k in (0, 8) if backend == "scheduler" else (4,):
-            assert _generate(url, GROUNDED, 24, prompt_lookup_num_tokens=k).status_code == 200
-        assert _draft_metric(url, "accepted") > before
+    before = _draft_metric(url, "accepted")
+    for k in (0, 8) if backend == "scheduler" else (4,):
+        assert _generate(url, GROUNDED, 24, prompt_lookup_num_tokens=k).status_code == 200
+    assert _draft_metric(url, "accepted") > before
+    if backend != "openvino":  # GenAI does not say how many drafts it proposed
         assert _draft_metric(url, "proposed") >= _draft_metric(url, "accepted")
     if backend == "scheduler":
         return

@@ -38,6 +38,9 @@ class _Request:
     started: bool = False
     done: bool = False
     prefill: list[Token] = field(default_factory=list)
+    # Prompt lookup: a step that returns n tokens verified n - 1 drafts. GenAI does not say how many it
+    # proposed, so only the accepted ones are counted.
+    accepted_drafts: int = 0
 
 
 class OpenVinoBackend(Backend):
@@ -233,10 +236,14 @@ class OpenVinoBackend(Backend):
                     event.prefill = req.prefill
             events.append(event)
             if finish is not None:
-                event.prompt_tokens = len(req.request.prompt_token_ids)
-                req.done = True
-                self._active.pop(req.key, None)
                 break
+        if req.request.params.prompt_lookup_num_tokens:
+            req.accepted_drafts += max(0, len(events) - 1)
+        if events and events[-1].finished:
+            events[-1].prompt_tokens = len(req.request.prompt_token_ids)
+            events[-1].accepted_draft_tokens = req.accepted_drafts
+            req.done = True
+            self._active.pop(req.key, None)
         return events
 
 
