@@ -15,6 +15,7 @@ from llm_endpoint.backends.torch_engine.block_cache import BlockAllocator, OutOf
 from llm_endpoint.backends.torch_engine.engine import kv_cache_blocks
 from llm_endpoint.backends.torch_engine.forward_batch import ForwardBatch, Span
 from llm_endpoint.backends.torch_engine.linear import EXACT_ROWS, PackedLinear, padded_rows
+from llm_endpoint.backends.torch_engine.llama import RmsNorm
 from llm_endpoint.backends.torch_engine.sampling import (
     RowFailure,
     RowSample,
@@ -60,6 +61,25 @@ def test_packed_linear_on_padded_rows_is_bit_identical_to_f_linear() -> None:
 
 
 # ---- block allocator and paged cache -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rms_norm_matches_torchs_own_in_every_dtype(dtype: torch.dtype) -> None:
+    """fp32 must stay torch's (= transformers') RMSNorm bit for bit; half precision goes through a layer norm
+    over [x, -x], which must agree to the last bit but one, at every scale (eps matters for tiny rows)."""
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.rand(96, generator=generator) + 0.5).to(dtype)
+    scales = torch.tensor([1e-4, 1e-2, 1.0, 30.0]).repeat_interleave(5).view(-1, 1)
+    x = (torch.randn(20, 96, generator=generator) * scales).to(dtype)
+    ours = RmsNorm(weight, eps=1e-5)(x)
+    reference = torch.nn.functional.rms_norm(x, (96,), weight, eps=1e-5)
+    if dtype == torch.float32:
+        assert torch.equal(ours, reference)
+    else:
+        exact = torch.nn.functional.rms_norm(x.double(), (96,), weight.double(), eps=1e-5)
+        ulp = torch.finfo(dtype).eps * exact.abs().clamp_min(torch.finfo(dtype).tiny)
+        assert ((ours.double() - exact).abs() <= ulp).all()
+        assert ((ours.double() - exact).abs() <= (reference.double() - exact).abs() + ulp / 2).all()
 
 
 def test_allocator_grows_all_or_nothing_and_reuses_freed_blocks() -> None:
