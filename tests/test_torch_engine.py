@@ -144,6 +144,33 @@ def test_paged_cache_reads_back_what_was_written_through_a_scattered_table() -> 
     assert not got_k[0, :, 4:8].any() and torch.equal(got_k[0, :, :4], keys[:4].transpose(0, 1))
 
 
+def test_a_lone_row_of_consecutive_blocks_is_read_in_place_and_equals_the_gathered_copy() -> None:
+    """One stream at a time usually holds consecutive blocks; attention then reads them without a copy.
+    Only a lone span whose blocks up to its length are consecutive qualifies."""
+    block_size, kv_heads, dim = 4, 2, 8
+    cache = PagedKVCache(num_layers=1, num_blocks=8, block_size=block_size, num_kv_heads=kv_heads, head_dim=dim,
+                         dtype=torch.float32, device=torch.device("cpu"))
+    cache.clear(list(range(8)))
+    table, length = [3, 4, 5], 10
+    slots = torch.tensor(slot_mapping(table, 0, length, block_size))
+    cache.write(0, slots, torch.randn(length, 2, kv_heads, dim))
+    copied = cache.gather(0, torch.tensor([table]))
+    in_place = cache.gather(0, torch.tensor([table]), run_start=3)
+    assert torch.equal(in_place[0], copied[0]) and torch.equal(in_place[1], copied[1])
+    assert in_place[0].untyped_storage().data_ptr() == cache.pools[0].untyped_storage().data_ptr()
+
+    def run_start(*spans: Span) -> int | None:
+        batch = ForwardBatch.build(list(spans), [[1] * s.count for s in spans], block_size=block_size, group=1,
+                                   dtype=torch.float32, device=torch.device("cpu"))
+        return batch.groups[0].run_start
+
+    assert run_start(Span(0, 1, length - 1, table)) == 3
+    assert run_start(Span(0, 3, 2, [6, 7])) == 6  # drafts to verify, too
+    assert run_start(Span(0, 1, length - 1, [3, 5, 4])) is None
+    assert run_start(Span(0, 1, 3, [2]), Span(1, 1, 3, [3])) is None  # two rows: gathered into one batch
+    assert run_start(Span(0, 1, 3, [3, 4, 9])) == 3  # blocks past the length are not read
+
+
 def test_kv_cache_sizing_follows_the_space_option_and_refuses_too_little() -> None:
     @dataclass
     class Config:

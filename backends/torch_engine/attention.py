@@ -24,7 +24,7 @@ def attend(cache: PagedKVCache, batch: ForwardBatch, layer: int, query: torch.Te
     group = heads // kv_heads
     outs: list[torch.Tensor] = []
     for rows in batch.groups:
-        keys, values = cache.gather(layer, rows.tables)
+        keys, values = cache.gather(layer, rows.tables, rows.run_start)
         n, c = rows.tables.shape[0], rows.count
         q = query if len(batch.groups) == 1 else query[rows.start : rows.stop]
         if c == 1:  # decode rows: [n, heads, dim] already is [n, kv_heads, group, dim], no permutes

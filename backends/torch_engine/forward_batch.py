@@ -42,6 +42,10 @@ class AttentionGroup:
     # otherwise [spans, 1, group*count, positions], rows repeating per query head of a key/value group, the
     # layout `attention.attend` folds queries into
     mask: torch.Tensor
+    # a single span whose blocks are consecutive ids from this one: attention reads them in place. Freed
+    # blocks go back last-freed-first, so one stream at a time usually gets such a run, and skips a copy
+    # of its whole cache in every layer
+    run_start: int | None = None
 
 
 # A span joins the current group while it has the group's token count, at most GROUPED_MAX_TOKENS of them,
@@ -110,7 +114,17 @@ def _group(rows: list[Span], block_size: int, group: int, dtype: torch.dtype, de
     mask = _additive(visible, dtype).unsqueeze(1)  # [spans, 1, count, positions]
     if count > 1:
         mask = mask.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(len(rows), 1, group * count, -1)
-    return AttentionGroup(rows[0].offset, rows[-1].offset + count, count, tables.to(device), mask.to(device))
+    return AttentionGroup(rows[0].offset, rows[-1].offset + count, count, tables.to(device), mask.to(device),
+                          _run_start(rows, width))
+
+
+def _run_start(rows: list[Span], width: int) -> int | None:
+    """The first block of a lone span whose first `width` blocks are consecutive ids (None otherwise)."""
+    if len(rows) != 1:
+        return None
+    table = rows[0].table
+    first = table[0]
+    return first if all(block == first + i for i, block in enumerate(table[:width])) else None
 
 
 def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
