@@ -110,6 +110,7 @@ def create_backend(config: ServingConfig, files: ModelFiles, tokenizer: Any, max
             attention_sinks=(config.sink_tokens, config.window_tokens) if config.attention_sinks_enabled else None,
             session_space=None if config.sessions_max_memory is None else int(config.sessions_max_memory * 2**30),
             prompt_lookup_max_ngram=config.prompt_lookup_max_ngram,
+            compile_decode=config.compile_decode,
         )
         backend.name = choice.value
         return backend

@@ -55,6 +55,7 @@ _OPTION_FIELDS = {
     "attention_window": "attention_window",
     "prompt_lookup_num_tokens": "prompt_lookup_num_tokens",
     "prompt_lookup_max_ngram": "prompt_lookup_max_ngram",
+    "compile_decode": "compile_decode",
     "chat_template_timeout": "chat_template_timeout",
     "chat_template": "chat_template",
     "enable_auto_tool_choice": "enable_auto_tool_choice",

@@ -105,9 +105,11 @@ class TorchEngine:
         forward: str = "auto",
         attention_sinks: tuple[int, int] | None = None,
         session_space: int | None = None,
+        compile_decode: bool = False,
     ) -> None:
         """`attention_sinks`: (sinks, window) for StreamingLLM, None for dense attention; `session_space`:
-        bytes of KV idle sessions may keep (None: DEFAULT_SESSION_FRACTION of RAM)."""
+        bytes of KV idle sessions may keep (None: DEFAULT_SESSION_FRACTION of RAM); `compile_decode`: decode
+        steps through torch.compile, compiled here (see `compiled_decode`)."""
         config = model.config
         param = next(model.parameters())
         shape = AttentionShape.of(config)
@@ -128,7 +130,13 @@ class TorchEngine:
         if self.sinks and (reason := llama.unsupported_reason(config) or rope_unsupported_reason(config)):
             raise ValueError(f"option.attention_sinks cannot serve this model ({reason}); it needs our "
                              "Llama-family forward (Llama, Mistral, Qwen2, SmolLM) with a fixed RoPE")
-        self.runner = ModelRunner(model, cache, forward="native" if self.sinks else forward)
+        self.runner = ModelRunner(model, cache, forward="native" if self.sinks else forward,
+                                  compile_decode=compile_decode)
+        if compile_decode:
+            warm_up_blocks = list(range(min(64, num_blocks)))
+            with torch.inference_mode():  # the mode every step runs in, so the compiled graphs' guards hold
+                self.runner.warm_up(warm_up_blocks)
+                cache.clear(warm_up_blocks)
         self.output = OutputStep(tokenizer, eos_token_ids(model, tokenizer), None if self.sinks else max_model_len)
         self.special_ids = self.output.special_ids
         session_bytes = session_space if session_space is not None else int(_physical_memory() * DEFAULT_SESSION_FRACTION)
@@ -309,6 +317,7 @@ class TorchBackend(Backend):
         attention_sinks: tuple[int, int] | None = None,
         session_space: int | None = None,
         prompt_lookup_max_ngram: int = DEFAULT_PROMPT_LOOKUP_MAX_NGRAM,
+        compile_decode: bool = False,
     ) -> None:
         self._model_loader = model_loader
         self.prompt_lookup_max_ngram = prompt_lookup_max_ngram
@@ -318,6 +327,7 @@ class TorchBackend(Backend):
         self._engine_args: dict[str, Any] = dict(
             max_running=max_running, max_model_len=max_model_len, prefill_tokens=prefill_tokens,
             kv_cache_space=kv_cache_space, attention_sinks=attention_sinks, session_space=session_space,
+            compile_decode=compile_decode,
         )
         self._engine: TorchEngine | None = None
         self._grammars: Grammars | None = None

@@ -11,6 +11,7 @@ import torch
 
 from llm_endpoint.backends.torch_engine import llama
 from llm_endpoint.backends.torch_engine.block_cache import AttentionShape, PagedKVCache
+from llm_endpoint.backends.torch_engine.compiled_decode import CompiledDecode
 from llm_endpoint.backends.torch_engine.forward_batch import ForwardBatch, Span
 from llm_endpoint.backends.torch_engine.linear import PackedLinear
 from llm_endpoint.backends.torch_engine.sampling import RowFailure, RowSample, sample_rows, verify_drafts
@@ -30,8 +31,9 @@ class ChunkResult:
 
 
 class ModelRunner:
-    def __init__(self, model: Any, cache: PagedKVCache, *, forward: str = "auto") -> None:
-        """`forward`: "native" (our Llama-family forward), "transformers", or "auto" (native when it fits)."""
+    def __init__(self, model: Any, cache: PagedKVCache, *, forward: str = "auto", compile_decode: bool = False) -> None:
+        """`forward`: "native" (our Llama-family forward), "transformers", or "auto" (native when it fits);
+        `compile_decode`: decode-only steps through `CompiledDecode` (our forward in bf16/fp16 only)."""
         self.cache = cache
         config = model.config
         reason = llama.unsupported_reason(config)
@@ -50,6 +52,17 @@ class ModelRunner:
         self._dtype = head.weight.dtype
         self._group = AttentionShape.of(config).group
         self._device = next(model.parameters()).device
+        self._decode: CompiledDecode | None = None
+        if compile_decode:
+            if not isinstance(self._forward, llama.LlamaForward) or self._dtype == torch.float32:
+                raise ValueError("option.compile_decode needs our Llama-family forward (Llama, Mistral, Qwen2, "
+                                 "SmolLM) in bf16 or fp16 (fp32 stays eager: it equals transformers bit for bit)")
+            self._decode = CompiledDecode(model, self._forward.rotary)
+
+    def warm_up(self, blocks: list[int]) -> None:
+        """Compile what is compiled before the first request, writing into `blocks` (the caller clears them)."""
+        if self._decode is not None:
+            self._decode.warm_up(self.cache, blocks, self._group)
 
     @property
     def rotary(self) -> Any:
@@ -70,7 +83,10 @@ class ModelRunner:
         tokens = [c.seq.tokens[c.start : c.start + c.fed] + list(c.draft) for c in chunks]
         batch = ForwardBatch.build(spans, tokens, block_size=self.cache.block_size, group=self._group,
                                    dtype=self._dtype, device=self._device)
-        hidden = self._forward(batch, self.cache)
+        if self._decode is not None and self._decode.takes(batch):
+            hidden = self._decode(batch, self.cache)
+        else:
+            hidden = self._forward(batch, self.cache)
         results = [ChunkResult(c) for c in chunks]
         self._prompt_logprobs(results, spans, hidden)
         self._draw(results, spans, hidden)

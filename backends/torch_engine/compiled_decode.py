@@ -1,0 +1,140 @@
+"""Decode steps through torch.compile, opt-in (`option.compile_decode=true`): the same Llama-family arithmetic
+as `llama.LlamaForward`, written for inductor with frozen weights and its C++ wrapper, for steps whose rows
+are all single decode tokens attending as one group.
+
+Why: one stream here is bound by the ~420 small operator calls a decode step makes between its matmuls
+(norms, RoPE, cache writes, SiLU, residual adds; ~5.6 of ~20.5 ms at one row on the demo model, measured),
+which eager PyTorch cannot fuse. Inductor fuses them into a few C++ kernels, packs the weights for oneDNN
+itself (freezing) and calls everything from C++ (cpp_wrapper): 16.5 ms against 20.8 ms for our eager
+forward in the same process (README, Performance). The cost: one compile per row-count class (one row, and
+any other count; ~30-60 s each, done at start-up), and inductor's packed copy of the weights beside the
+eager ones (prefill chunks and draft verification stay eager). In fp32 our eager forward equals
+transformers' bit for bit and this one would not, so it serves bf16/fp16 only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+import torch._inductor.config as inductor_config
+import torch.nn.functional as F
+
+from llm_endpoint.backends.torch_engine.block_cache import AttentionShape, PagedKVCache
+from llm_endpoint.backends.torch_engine.forward_batch import ForwardBatch, Span
+
+log = logging.getLogger(__name__)
+
+_INDUCTOR_OPTIONS = {"freezing": True, "cpp_wrapper": True}
+_WARM_UP_ROWS, _WARM_UP_WIDTH = 7, 5
+
+
+class _DecodeGraph(torch.nn.Module):
+    """One decode step over every layer; the weights are attributes, so freezing folds them in."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        config, base = model.config, model.model
+        shape = AttentionShape.of(config)
+        self.heads, self.kv_heads, self.head_dim = shape.heads, shape.kv_heads, shape.head_dim
+        self.eps = config.rms_norm_eps
+        self.embed = torch.nn.Parameter(base.embed_tokens.weight, requires_grad=False)
+        self.final_norm = torch.nn.Parameter(base.norm.weight, requires_grad=False)
+        layers = base.layers
+
+        def fused(*linears: Any) -> torch.nn.Parameter:
+            return torch.nn.Parameter(torch.cat([lin.weight for lin in linears]).contiguous(), requires_grad=False)
+
+        def shared(tensors: list[torch.Tensor]) -> torch.nn.ParameterList:
+            return torch.nn.ParameterList([torch.nn.Parameter(t, requires_grad=False) for t in tensors])
+
+        attns, mlps = [b.self_attn for b in layers], [b.mlp for b in layers]
+        self.input_norms = shared([b.input_layernorm.weight for b in layers])
+        self.post_norms = shared([b.post_attention_layernorm.weight for b in layers])
+        self.qkv = torch.nn.ParameterList([fused(a.q_proj, a.k_proj, a.v_proj) for a in attns])
+        self.has_qkv_bias = all(a.q_proj.bias is not None for a in attns)  # Qwen2
+        self.qkv_bias = shared([torch.cat((a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)) for a in attns]
+                               if self.has_qkv_bias else [])
+        self.out = shared([a.o_proj.weight for a in attns])
+        self.gate_up = torch.nn.ParameterList([fused(m.gate_proj, m.up_proj) for m in mlps])
+        self.down = shared([m.down_proj.weight for m in mlps])
+
+    def forward(
+        self, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+        tables: torch.Tensor, mask: torch.Tensor, pools: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """input_ids [rows] -> hidden states after the final norm, [rows, hidden]; cos/sin [rows, 1, head_dim]."""
+        h, kv, d = self.heads, self.kv_heads, self.head_dim
+        x = F.embedding(input_ids, self.embed)
+        rows = x.shape[0]
+        for i, pool in enumerate(pools):
+            qkv = F.linear(F.rms_norm(x, (x.shape[-1],), self.input_norms[i], self.eps), self.qkv[i],
+                           self.qkv_bias[i] if self.has_qkv_bias else None)
+            q = _rope(qkv[:, : h * d].view(rows, h, d), cos, sin)
+            k = _rope(qkv[:, h * d : (h + kv) * d].view(rows, kv, d), cos, sin)
+            v = qkv[:, (h + kv) * d :].view(rows, kv, d)
+            pool.view(-1, 2, kv, d).index_copy_(0, slots, torch.stack((k, v), dim=1))
+            both = pool.index_select(0, tables.view(-1)).view(rows, -1, 2, kv, d)
+            a = F.scaled_dot_product_attention(
+                q.view(rows, kv, h // kv, d), both[:, :, 0].transpose(1, 2), both[:, :, 1].transpose(1, 2),
+                attn_mask=mask, scale=d**-0.5)
+            x = x + F.linear(a.reshape(rows, -1), self.out[i])
+            gate, up = F.linear(F.rms_norm(x, (x.shape[-1],), self.post_norms[i], self.eps), self.gate_up[i]).chunk(2, -1)
+            x = x + F.linear(F.silu(gate) * up, self.down[i])
+        return F.rms_norm(x, (x.shape[-1],), self.final_norm, self.eps)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class CompiledDecode:
+    """The compiled step, and which batches it takes. Compiled at start-up (`warm_up`) for one row and for
+    any other row count, both for any block-table width, so no request waits for a compile."""
+
+    def __init__(self, model: Any, rotary: Any) -> None:
+        self.rotary = rotary
+        self._graph = _DecodeGraph(model).eval()
+        # the sizes that vary are marked on every call; the rest (the pools above all) stay static
+        self._compiled = torch.compile(self._graph, dynamic=False, fullgraph=True)
+        self.steps = 0  # decode steps it ran (logged at shutdown; the tests check it was used)
+
+    @staticmethod
+    def takes(batch: ForwardBatch) -> bool:
+        """Decode rows only, attending as one group over at least two blocks (drafts to verify, prefill
+        chunks and the first block of a sequence stay eager: a size of 1 would compile a graph of its own)."""
+        return len(batch.groups) == 1 and batch.groups[0].count == 1 and batch.groups[0].tables.shape[1] > 1
+
+    def __call__(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
+        group = batch.groups[0]
+        rows = batch.input_ids.shape[0]
+        cos, sin = self.rotary(cache.pools[0], batch.positions.view(1, -1))
+        args = (batch.input_ids, cos.view(rows, 1, -1), sin.view(rows, 1, -1), batch.slots, group.tables, group.mask)
+        torch._dynamo.mark_dynamic(group.tables, 1)
+        torch._dynamo.mark_dynamic(group.mask, 3)
+        if rows > 1:
+            for tensor in args:
+                torch._dynamo.mark_dynamic(tensor, 0)
+        self.steps += 1
+        with inductor_config.patch(_INDUCTOR_OPTIONS):
+            return self._compiled(*args, cache.pools)
+
+    def warm_up(self, cache: PagedKVCache, blocks: list[int], group: int) -> None:
+        """Compile for one row and for several (which covers every other count) by running decode steps
+        into `blocks` of the cache (the caller clears them afterwards; rows may share them when few).
+
+        Sizes of 0 and 1 are compiled as constants, and equal sizes are assumed to stay equal, so the rows
+        and block-table widths used here are distinct and unlike any model dimension."""
+        for rows in (1, _WARM_UP_ROWS):
+            spans = [Span(r, 1, (_WARM_UP_WIDTH - 1) * cache.block_size,
+                          [blocks[(r * _WARM_UP_WIDTH + j) % len(blocks)] for j in range(_WARM_UP_WIDTH)])
+                     for r in range(rows)]
+            batch = ForwardBatch.build(spans, [[0]] * rows, block_size=cache.block_size, group=group,
+                                       dtype=cache.pools[0].dtype, device=cache.device)
+            started = time.monotonic()
+            self(batch, cache)
+            log.info("compiled the decode step for %s in %.1f s", "one row" if rows == 1 else "several rows",
+                     time.monotonic() - started)
