@@ -7,7 +7,8 @@ Targets (each one a process this script starts, unless it is an external --peer)
 - `--backend B[,B...]` (an `option.rolling_batch` value: scheduler, disable, vllm, openvino): `llm-endpoint
   serve` (`python -m server.cli serve`, OPTION_ROLLING_BATCH=B plus --server-option) on 127.0.0.1, driven over
   HTTP with the LMI streaming body below; `--api lmi,openai-chat` drives the same server with its OpenAI chat
-  stream too, as target "B/openai-chat".
+  stream too, as target "B/openai-chat". `B+KEY=VALUE[+KEY=VALUE...]` is B with those options added (target
+  named as written), e.g. `scheduler,scheduler+compile_decode=true` for an option's before/after.
 - `--direct`: for every backend also `scripts/bench_direct.py` ("B-direct"): the same engine, configured by
   the same code from the same options, called in-process through its own API (vLLM's AsyncLLM, OpenVINO's
   ContinuousBatchingPipeline step loop, our engine's Backend) with no HTTP and none of our request path.
@@ -212,6 +213,18 @@ def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip() and x.strip() != "none"]
 
 
+def backend_variant(entry: str) -> tuple[str, dict[str, str]]:
+    """"scheduler+compile_decode=true" -> ("scheduler", {"OPTION_COMPILE_DECODE": "true"})."""
+    backend, *pairs = entry.split("+")
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--backend {entry!r}: expected B+KEY=VALUE, got {pair!r}")
+        options[f"OPTION_{key.strip().upper()}"] = value.strip()
+    return backend, options
+
+
 def _api_list(text: str) -> list[str]:
     names = _csv(text)
     unknown = [n for n in names if n not in APIS]
@@ -231,8 +244,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, help="model directory (default: the demo model, SmolLM2-135M-Instruct)")
     p.add_argument("--backend", type=_csv, default=["scheduler", "disable"],
-                   help="rolling_batch values to start our server with, in order; `none` for no server "
-                        "(default: scheduler,disable)")
+                   help="rolling_batch values to start our server with, in order, each optionally with "
+                        "+KEY=VALUE options of its own; `none` for no server (default: scheduler,disable)")
     p.add_argument("--direct", action="store_true",
                    help="also run each backend's engine called directly (scripts/bench_direct.py)")
     p.add_argument("--vllm-serve", action="store_true",
@@ -289,9 +302,11 @@ def target_starters(args: argparse.Namespace, model_dir: Path, log_dir: Path) ->
         env.setdefault("OMP_NUM_THREADS", str(args.threads))
     starters: list[Callable[[], list[Target]]] = []
     apis = [APIS[name] for name in args.api]
-    for backend in args.backend:
-        starters.append(lambda b=backend: start_server(b, model_dir, options, env, apis, log_dir))
-        if args.direct:
+    for entry in args.backend:
+        backend, extra = backend_variant(entry)
+        variant = {**options, **extra}
+        starters.append(lambda b=backend, o=variant, n=entry: start_server(b, model_dir, o, env, apis, log_dir, name=n))
+        if args.direct and not extra:
             starters.append(lambda b=backend: [start_direct(b, model_dir, options, env, log_dir)])
     if args.vllm_serve:
         starters.append(lambda: start_vllm_serve(model_dir, options, env, log_dir, chat="openai-chat" in args.api))

@@ -242,16 +242,18 @@ def _started(target: Target, wait: Callable[[], None]) -> Target:
 
 
 def start_server(backend: str, model_dir: Path, options: dict[str, str], env: dict[str, str], apis: list[Api],
-                 log_dir: Path) -> list[Target]:
-    """One server, one target per request format: "B" for the first, "B/FORMAT" for the others."""
+                 log_dir: Path, name: str | None = None) -> list[Target]:
+    """One server, one target per request format: `name` (default B) for the first, "name/FORMAT" for the
+    others."""
+    name = name or backend
     port = free_port()
     command = [sys.executable, "-m", "llm_endpoint.server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--model-dir", str(model_dir)]
-    process = ManagedProcess(backend, command, _scrubbed_env({**options, "OPTION_ROLLING_BATCH": backend, **env}),
+    process = ManagedProcess(name, command, _scrubbed_env({**options, "OPTION_ROLLING_BATCH": backend, **env}),
                              log_dir)
-    target = HttpTarget(backend, process, url=f"http://127.0.0.1:{port}", api=apis[0])
+    target = HttpTarget(name, process, url=f"http://127.0.0.1:{port}", api=apis[0])
     _started(target, lambda: target.wait_healthy("/ping"))
-    return [target] + [dataclasses.replace(target, name=f"{backend}/{api.name}", api=api) for api in apis[1:]]
+    return [target] + [dataclasses.replace(target, name=f"{name}/{api.name}", api=api) for api in apis[1:]]
 
 
 def _driver_command(backend: str, model_dir: Path, *extra: str) -> list[str]:
