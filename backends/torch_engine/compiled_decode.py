@@ -100,7 +100,7 @@ class CompiledDecode:
         self._graph = _DecodeGraph(model).eval()
         # the sizes that vary are marked on every call; the rest (the pools above all) stay static
         self._compiled = torch.compile(self._graph, dynamic=False, fullgraph=True)
-        self.steps = 0  # decode steps it ran (logged at shutdown; the tests check it was used)
+        self.steps = 0  # decode steps it ran (the tests check that it was used)
 
     @staticmethod
     def takes(batch: ForwardBatch) -> bool:
