@@ -506,6 +506,39 @@ def test_compiled_decode_tracks_fp32_at_least_as_closely_as_transformers_bf16_wi
     assert ours_error <= 1.25 * their_error + 1e-3, (ours_error, their_error)
 
 
+def test_compiled_decode_keeps_every_projection_bias() -> None:
+    """Llama checkpoints may carry biases on every projection (`attention_bias`, `mlp_bias`), Qwen2 on q/k/v:
+    the compiled step must add each one where our eager forward does (a tiny random model, biases set)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llm_endpoint.backends.torch_engine.block_cache import AttentionShape
+    from llm_endpoint.backends.torch_engine.compiled_decode import CompiledDecode
+    from llm_endpoint.backends.torch_engine.llama import LlamaForward
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True)
+    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_()
+    shape = AttentionShape.of(config)
+    cache = PagedKVCache(num_layers=shape.layers, num_blocks=16, block_size=4, num_kv_heads=shape.kv_heads,
+                         head_dim=shape.head_dim, dtype=torch.bfloat16, device=torch.device("cpu"))
+    cache.clear(list(range(16)))
+    eager, compiled = LlamaForward(model), CompiledDecode(model, model.model.rotary_emb)
+    table, ids = [3, 4, 5], list(range(1, 10))
+    with torch.inference_mode():
+        eager(ForwardBatch.build([Span(0, 9, 0, table)], [ids], block_size=4, group=shape.group,
+                                 dtype=torch.bfloat16, device=torch.device("cpu")), cache)
+        step = ForwardBatch.build([Span(0, 1, 9, table)], [[11]], block_size=4, group=shape.group,
+                                  dtype=torch.bfloat16, device=torch.device("cpu"))
+        assert compiled.takes(step)
+        expected, got = eager(step, cache).float(), compiled(step, cache).float()
+    assert torch.allclose(got, expected, atol=0.05, rtol=0.02), (got - expected).abs().max()
+
+
 def test_compiled_decode_is_refused_in_fp32(hf_model: Any) -> None:
     """fp32 is the mode that equals transformers bit for bit, which a compiled step would not."""
     from llm_endpoint.backends.torch_engine.block_cache import AttentionShape

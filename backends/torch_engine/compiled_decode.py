@@ -24,11 +24,31 @@ import torch.nn.functional as F
 
 from llm_endpoint.backends.torch_engine.block_cache import AttentionShape, PagedKVCache
 from llm_endpoint.backends.torch_engine.forward_batch import ForwardBatch, Span
+from llm_endpoint.backends.torch_engine.llama import fused_weights
 
 log = logging.getLogger(__name__)
 
 _INDUCTOR_OPTIONS = {"freezing": True, "cpp_wrapper": True}
 _WARM_UP_ROWS, _WARM_UP_WIDTH = 7, 5
+
+
+class _Linears(torch.nn.Module):
+    """One projection per layer, with its bias where the checkpoint has one (Qwen2's q/k/v; Llama's
+    `attention_bias` and `mlp_bias`)."""
+
+    def __init__(self, projections: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        super().__init__()
+        self.weights = _parameters([w for w, _ in projections])
+        self.biased = all(b is not None for _, b in projections)
+        self.biases = _parameters([b for _, b in projections if b is not None] if self.biased else [])
+
+    def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weights[layer], self.biases[layer] if self.biased else None)
+
+
+def _parameters(tensors: list[torch.Tensor]) -> torch.nn.ParameterList:
+    """The tensors as frozen parameters (sharing their storage), so freezing folds them in."""
+    return torch.nn.ParameterList([torch.nn.Parameter(t, requires_grad=False) for t in tensors])
 
 
 class _DecodeGraph(torch.nn.Module):
@@ -43,23 +63,13 @@ class _DecodeGraph(torch.nn.Module):
         self.embed = torch.nn.Parameter(base.embed_tokens.weight, requires_grad=False)
         self.final_norm = torch.nn.Parameter(base.norm.weight, requires_grad=False)
         layers = base.layers
-
-        def fused(*linears: Any) -> torch.nn.Parameter:
-            return torch.nn.Parameter(torch.cat([lin.weight for lin in linears]).contiguous(), requires_grad=False)
-
-        def shared(tensors: list[torch.Tensor]) -> torch.nn.ParameterList:
-            return torch.nn.ParameterList([torch.nn.Parameter(t, requires_grad=False) for t in tensors])
-
         attns, mlps = [b.self_attn for b in layers], [b.mlp for b in layers]
-        self.input_norms = shared([b.input_layernorm.weight for b in layers])
-        self.post_norms = shared([b.post_attention_layernorm.weight for b in layers])
-        self.qkv = torch.nn.ParameterList([fused(a.q_proj, a.k_proj, a.v_proj) for a in attns])
-        self.has_qkv_bias = all(a.q_proj.bias is not None for a in attns)  # Qwen2
-        self.qkv_bias = shared([torch.cat((a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)) for a in attns]
-                               if self.has_qkv_bias else [])
-        self.out = shared([a.o_proj.weight for a in attns])
-        self.gate_up = torch.nn.ParameterList([fused(m.gate_proj, m.up_proj) for m in mlps])
-        self.down = shared([m.down_proj.weight for m in mlps])
+        self.input_norms = _parameters([b.input_layernorm.weight for b in layers])
+        self.post_norms = _parameters([b.post_attention_layernorm.weight for b in layers])
+        self.qkv = _Linears([fused_weights(a.q_proj, a.k_proj, a.v_proj) for a in attns])
+        self.out = _Linears([(a.o_proj.weight, a.o_proj.bias) for a in attns])
+        self.gate_up = _Linears([fused_weights(m.gate_proj, m.up_proj) for m in mlps])
+        self.down = _Linears([(m.down_proj.weight, m.down_proj.bias) for m in mlps])
 
     def forward(
         self, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
@@ -70,8 +80,7 @@ class _DecodeGraph(torch.nn.Module):
         x = F.embedding(input_ids, self.embed)
         rows = x.shape[0]
         for i, pool in enumerate(pools):
-            qkv = F.linear(F.rms_norm(x, (x.shape[-1],), self.input_norms[i], self.eps), self.qkv[i],
-                           self.qkv_bias[i] if self.has_qkv_bias else None)
+            qkv = self.qkv(i, F.rms_norm(x, (x.shape[-1],), self.input_norms[i], self.eps))
             q = _rope(qkv[:, : h * d].view(rows, h, d), cos, sin)
             k = _rope(qkv[:, h * d : (h + kv) * d].view(rows, kv, d), cos, sin)
             v = qkv[:, (h + kv) * d :].view(rows, kv, d)
@@ -80,9 +89,9 @@ class _DecodeGraph(torch.nn.Module):
             a = F.scaled_dot_product_attention(
                 q.view(rows, kv, h // kv, d), both[:, :, 0].transpose(1, 2), both[:, :, 1].transpose(1, 2),
                 attn_mask=mask, scale=d**-0.5)
-            x = x + F.linear(a.reshape(rows, -1), self.out[i])
-            gate, up = F.linear(F.rms_norm(x, (x.shape[-1],), self.post_norms[i], self.eps), self.gate_up[i]).chunk(2, -1)
-            x = x + F.linear(F.silu(gate) * up, self.down[i])
+            x = x + self.out(i, a.reshape(rows, -1))
+            gate, up = self.gate_up(i, F.rms_norm(x, (x.shape[-1],), self.post_norms[i], self.eps)).chunk(2, -1)
+            x = x + self.down(i, F.silu(gate) * up)
         return F.rms_norm(x, (x.shape[-1],), self.final_norm, self.eps)
 
 
@@ -126,8 +135,8 @@ class CompiledDecode:
         """Compile for one row and for several (which covers every other count) by running decode steps
         into `blocks` of the cache (the caller clears them afterwards; rows may share them when few).
 
-        Sizes of 0 and 1 are compiled as constants, and equal sizes are assumed to stay equal, so the rows
-        and block-table widths used here are distinct and unlike any model dimension."""
+        Sizes of 0 and 1 are compiled as constants, and equal dynamic sizes are assumed to stay equal, so
+        the rows and block-table width used here differ from each other."""
         for rows in (1, _WARM_UP_ROWS):
             spans = [Span(r, 1, (_WARM_UP_WIDTH - 1) * cache.block_size,
                           [blocks[(r * _WARM_UP_WIDTH + j) % len(blocks)] for j in range(_WARM_UP_WIDTH)])

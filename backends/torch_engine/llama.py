@@ -71,11 +71,16 @@ class _Layer:
     down: PackedLinear
 
 
-def _fused(*linears: Any) -> PackedLinear:
-    """One projection for several that read the same input (q/k/v, gate/up): one matmul instead of three."""
+def fused_weights(*linears: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several projections that read the same input (q/k/v, gate/up): one matmul
+    instead of three."""
     biases = [lin.bias for lin in linears]
     bias = None if any(b is None for b in biases) else torch.cat(biases)
-    return PackedLinear(torch.cat([lin.weight for lin in linears]).contiguous(), bias)
+    return torch.cat([lin.weight for lin in linears]).contiguous(), bias
+
+
+def _fused(*linears: Any) -> PackedLinear:
+    return PackedLinear(*fused_weights(*linears))
 
 
 def _plain(linear: Any) -> PackedLinear:
