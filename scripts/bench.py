@@ -84,6 +84,7 @@ from bench_stats import LevelResult, other_cpu, summarize
 from bench_targets import (
     HttpTarget,
     Target,
+    backend_variant,
     client_cpu_seconds,
     start_direct,
     start_server,
@@ -211,18 +212,6 @@ def _csv_ints(text: str) -> list[int]:
 
 def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip() and x.strip() != "none"]
-
-
-def backend_variant(entry: str) -> tuple[str, dict[str, str]]:
-    """"scheduler+compile_decode=true" -> ("scheduler", {"OPTION_COMPILE_DECODE": "true"})."""
-    backend, *pairs = entry.split("+")
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--backend {entry!r}: expected B+KEY=VALUE, got {pair!r}")
-        options[f"OPTION_{key.strip().upper()}"] = value.strip()
-    return backend, options
 
 
 def _api_list(text: str) -> list[str]:

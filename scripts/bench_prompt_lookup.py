@@ -13,6 +13,8 @@ rate. The OpenVINO rows are GenAI's own prompt lookup, on the same prompts.
 Usage (repository root, quiet machine; ~20 minutes on 2 cores; OpenVINO needs LLM_ENDPOINT_OPTIMUM_CLI):
 
     .venv/bin/python scripts/bench_prompt_lookup.py [--backends scheduler,vllm,openvino] [--k 4] [--json out.json]
+
+A backend may carry options of its own, `B+KEY=VALUE` (e.g. `scheduler+compile_decode=true`), as in bench.py.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ def _drafts(url: str) -> dict[str, float]:
 
 
 def main() -> None:
+    from bench_targets import backend_variant
     from transformers import AutoTokenizer
 
     from tests.conftest import start_server
@@ -113,9 +116,11 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    for backend in args.backends.split(","):
+    for entry in args.backends.split(","):
+        backend, options = backend_variant(entry)
         # both servers up at once and their levels interleaved, so drift on a shared machine hits both arms
-        servers = {k: start_server(model_dir, {"prompt_lookup_num_tokens": str(k)}, Path(args.log_dir), backend)
+        servers = {k: start_server(model_dir, {"prompt_lookup_num_tokens": str(k)}, Path(args.log_dir), backend,
+                                   options)
                    for k in (0, args.k)}
         try:
             for server in servers.values():
@@ -136,7 +141,7 @@ def main() -> None:
                         proposed = sum(r["proposed"] for r in results)
                         accepted = sum(r["accepted"] for r in results)
                         tokens = sum(r["tokens"] for r in results)
-                        row = {"backend": backend, "k": k, "prompts": kind, "concurrency": c,
+                        row = {"backend": entry, "k": k, "prompts": kind, "concurrency": c,
                                "tok_s": statistics.median(r["tok_s"] for r in results),
                                "tok_s_runs": [round(r["tok_s"], 1) for r in results],
                                "acceptance": accepted / proposed if proposed else None,

@@ -30,6 +30,18 @@ STARTUP_TIMEOUT_S = 900
 # ---- processes ------------------------------------------------------------------------------------
 
 
+def backend_variant(entry: str) -> tuple[str, dict[str, str]]:
+    """"scheduler+compile_decode=true" -> ("scheduler", {"OPTION_COMPILE_DECODE": "true"})."""
+    backend, *pairs = entry.split("+")
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--backend {entry!r}: expected B+KEY=VALUE, got {pair!r}")
+        options[f"OPTION_{key.strip().upper()}"] = value.strip()
+    return backend, options
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -81,13 +81,10 @@ def _base_env() -> dict[str, str]:
 
 def test_a_backend_variant_adds_its_own_options(monkeypatch: pytest.MonkeyPatch) -> None:
     """`--backend scheduler,scheduler+compile_decode=true` compares an option's before and after in one run."""
-    spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.syspath_prepend(str(REPO / "scripts"))  # its sibling modules
-    spec.loader.exec_module(bench)
-    assert bench.backend_variant("scheduler") == ("scheduler", {})
-    assert bench.backend_variant("scheduler+compile_decode=true+dtype=bf16") == (
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))  # the scripts import their siblings by name
+    targets = importlib.import_module("bench_targets")
+    assert targets.backend_variant("scheduler") == ("scheduler", {})
+    assert targets.backend_variant("scheduler+compile_decode=true+dtype=bf16") == (
         "scheduler", {"OPTION_COMPILE_DECODE": "true", "OPTION_DTYPE": "bf16"})
     with pytest.raises(ValueError, match="B\\+KEY=VALUE"):
-        bench.backend_variant("scheduler+compile_decode")
+        targets.backend_variant("scheduler+compile_decode")
