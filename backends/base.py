@@ -19,6 +19,9 @@ class BackendStats:
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
     session_kv_bytes: int = 0  # KV that idle stateful sessions keep (ours)
+    # forward steps so far, through torch.compile (`option.compile_decode`) or eager (ours)
+    compiled_steps: int = 0
+    eager_steps: int = 0
 
     @property
     def kv_blocks_free(self) -> int:

@@ -111,6 +111,8 @@ def create_backend(config: ServingConfig, files: ModelFiles, tokenizer: Any, max
             session_space=None if config.sessions_max_memory is None else int(config.sessions_max_memory * 2**30),
             prompt_lookup_max_ngram=config.prompt_lookup_max_ngram,
             compile_decode=config.compile_decode,
+            # requests draft by default: their verification is worth a graph of its own (~1 min at start-up)
+            compile_drafts=config.compile_decode and config.prompt_lookup_num_tokens > 0,
         )
         backend.name = choice.value
         return backend

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from llm_endpoint.backends.base import BackendStats
 
@@ -59,6 +61,23 @@ class Metrics:
             "Prompt-lookup draft tokens proposed (ours, vLLM) and accepted by verification (ours, vLLM, OpenVINO)",
             ["result"], registry=r,
         )
+        r.register(_EngineSteps(stats))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _EngineSteps(Collector):
+    """`llm_engine_steps_total{forward=compiled|eager}`: the engine counts its steps, this reads them (a
+    Counter cannot take its value from a function), so users can see that `option.compile_decode` is used."""
+
+    def __init__(self, stats: Callable[[], BackendStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        family = CounterMetricFamily("llm_engine_steps", "Forward steps of our engine, through torch.compile "
+                                     "(option.compile_decode) or eager", labels=["forward"])
+        family.add_metric(["compiled"], stats.compiled_steps)
+        family.add_metric(["eager"], stats.eager_steps)
+        yield family

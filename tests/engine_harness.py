@@ -43,17 +43,25 @@ class EngineHarness:
         self.tokenizer = tokenizer
         self.engine: TorchEngine | None = None
         ready = threading.Event()
+        failure: list[BaseException] = []
 
         def loop() -> None:
-            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype,
-                                                         attn_implementation=attention.NAME).eval()
-            self.engine = TorchEngine(model, tokenizer, **{"max_running": 8, "max_model_len": 2048, **engine})
-            ready.set()
+            try:
+                model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype,
+                                                             attn_implementation=attention.NAME).eval()
+                self.engine = TorchEngine(model, tokenizer, **{"max_running": 8, "max_model_len": 2048, **engine})
+            except BaseException as exc:  # raised in the test, not lost in this thread
+                failure.append(exc)
+                return
+            finally:
+                ready.set()
             self.engine.run()
 
         self.thread = threading.Thread(target=loop, daemon=True)
         self.thread.start()
-        assert ready.wait(300)
+        assert ready.wait(600)  # compile_decode compiles its graphs first: ~1 min each
+        if failure:
+            raise failure[0]
 
     def submit(self, stream: Stream, *, on_event: Any = None, constraint: Constraint | None = None) -> None:
         assert self.engine is not None

@@ -463,10 +463,15 @@ def test_compiled_decode_tracks_fp32_at_least_as_closely_as_transformers_bf16_wi
 ) -> None:
     """`option.compile_decode`: inductor's fused bf16 step is held to the bar our eager bf16 forward is held
     to. Each stream's reported log-probs (its decode steps compiled, for one row and for several, rows joining
-    mid-stream) against the fp32 model's on the same tokens, no further off than transformers' bf16 forward."""
+    mid-stream, and a lone stream's draft verification) against the fp32 model's on the same tokens, no
+    further off than transformers' bf16 forward."""
     from transformers import AutoModelForCausalLM
 
-    harness = EngineHarness(model_dir, tokenizer, dtype=torch.bfloat16, compile_decode=True, prefill_tokens=16)
+    from tests.test_disconnect import wait_until
+    from tests.test_prompt_lookup import GROUNDED
+
+    harness = EngineHarness(model_dir, tokenizer, dtype=torch.bfloat16, compile_decode=True, compile_drafts=True,
+                            prefill_tokens=16)
     try:
         first_wave = [Stream(PROMPTS[0], 24), Stream(PROMPTS[3], 12)]
         second_wave = [Stream(PROMPTS[1], 20), Stream(PROMPTS[2], 16)]
@@ -477,20 +482,28 @@ def test_compiled_decode_tracks_fp32_at_least_as_closely_as_transformers_bf16_wi
                 harness.submit(pending.pop(0))
 
         solo = Stream(PROMPTS[4], 20)  # alone: the one-row graph
-        harness.submit(solo)
-        assert solo.done.wait(300)
+        drafting = Stream(GROUNDED, 24, {"prompt_lookup_num_tokens": 4, "ignore_eos": True})  # alone: the span graph
+        for stream in (solo, drafting):
+            harness.submit(stream)
+            assert stream.done.wait(300)
         for stream in first_wave:
             harness.submit(stream, on_event=join_after_five)
         for stream in first_wave + second_wave:
             assert stream.done.wait(300), stream.prompt
         assert harness.engine is not None
-        decode = harness.engine.runner._decode
-        assert decode is not None and decode.steps > 20
+        decode, runner = harness.engine.runner._decode, harness.engine.runner
+        assert decode is not None and decode.steps["rows"] > 20 and decode.steps["span"] > 2
+        assert drafting.events[-1].accepted_draft_tokens > 8
+        # each step counted once, compiled or eager (prefill chunks, the first block), as /metrics reports
+        assert decode.steps.total() == runner.steps["compiled"] and runner.steps["eager"] > 0
+        engine = harness.engine
+        published = wait_until(lambda: engine.stats().compiled_steps == runner.steps["compiled"], 10)
+        assert published is not None and engine.stats().eager_steps == runner.steps["eager"]
     finally:
         harness.stop()
     theirs_model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16).eval()
     ours_errors, their_errors = [], []
-    for stream in [solo, *first_wave, *second_wave]:
+    for stream in [solo, drafting, *first_wave, *second_wave]:
         assert stream.error is None, stream.error
         ids = tokenizer(stream.prompt)["input_ids"] + stream.token_ids
         generated = len(stream.token_ids)
@@ -652,3 +665,25 @@ def test_metrics_report_kv_blocks_held_by_a_running_request(servers: Any) -> Non
             pass
     assert during["used"] >= 80 // 16 and during["used"] + during["free"] == total  # 40+ prompt, 40 output tokens
     assert wait_until(lambda: _kv_blocks(url) == {"used": 0, "free": total}, 30) is not None
+
+
+def _engine_steps(url: str) -> dict[str, float]:
+    import requests
+
+    text = requests.get(url + "/metrics", timeout=10).text
+    return {kind: next(float(line.split()[1]) for line in text.splitlines()
+                       if line.startswith(f'llm_engine_steps_total{{forward="{kind}"}} '))
+            for kind in ("compiled", "eager")}
+
+
+def test_metrics_count_the_engines_steps_by_how_they_ran(servers: Any) -> None:
+    """Without option.compile_decode every step is eager: at least one per token of a lone request."""
+    import requests
+
+    url = servers.get("scheduler").url
+    before = _engine_steps(url)
+    body = {"inputs": PROMPTS[1], "parameters": {"max_new_tokens": 12, "ignore_eos_token": True}}
+    requests.post(url + "/invocations", json=body, timeout=300).raise_for_status()
+    after = _engine_steps(url)
+    assert after["compiled"] == before["compiled"] == 0
+    assert after["eager"] - before["eager"] >= 12

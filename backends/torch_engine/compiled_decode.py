@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from typing import Any
 
 import torch
@@ -23,13 +24,13 @@ import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 
 from llm_endpoint.backends.torch_engine.block_cache import AttentionShape, PagedKVCache
-from llm_endpoint.backends.torch_engine.forward_batch import ForwardBatch, Span
+from llm_endpoint.backends.torch_engine.forward_batch import GROUPED_MAX_TOKENS, ForwardBatch, Span
 from llm_endpoint.backends.torch_engine.llama import fused_weights
 
 log = logging.getLogger(__name__)
 
 _INDUCTOR_OPTIONS = {"freezing": True, "cpp_wrapper": True}
-_WARM_UP_ROWS, _WARM_UP_WIDTH = 7, 5
+_WARM_UP_ROWS, _WARM_UP_SPAN, _WARM_UP_WIDTH = 7, 3, 5
 
 
 class _Linears(torch.nn.Module):
@@ -75,21 +76,25 @@ class _DecodeGraph(torch.nn.Module):
         self, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
         tables: torch.Tensor, mask: torch.Tensor, pools: list[torch.Tensor],
     ) -> torch.Tensor:
-        """input_ids [rows] -> hidden states after the final norm, [rows, hidden]; cos/sin [rows, 1, head_dim]."""
+        """input_ids [spans, count] -> hidden states after the final norm, [spans * count, hidden]; cos/sin
+        [spans * count, 1, head_dim]; `mask` as `AttentionGroup.mask` lays it out."""
         h, kv, d = self.heads, self.kv_heads, self.head_dim
-        x = F.embedding(input_ids, self.embed)
-        rows = x.shape[0]
+        spans, count = input_ids.shape
+        tokens = spans * count
+        x = F.embedding(input_ids.view(-1), self.embed)
         for i, pool in enumerate(pools):
             qkv = self.qkv(i, F.rms_norm(x, (x.shape[-1],), self.input_norms[i], self.eps))
-            q = _rope(qkv[:, : h * d].view(rows, h, d), cos, sin)
-            k = _rope(qkv[:, h * d : (h + kv) * d].view(rows, kv, d), cos, sin)
-            v = qkv[:, (h + kv) * d :].view(rows, kv, d)
+            q = _rope(qkv[:, : h * d].view(tokens, h, d), cos, sin)
+            k = _rope(qkv[:, h * d : (h + kv) * d].view(tokens, kv, d), cos, sin)
+            v = qkv[:, (h + kv) * d :].view(tokens, kv, d)
             pool.view(-1, 2, kv, d).index_copy_(0, slots, torch.stack((k, v), dim=1))
-            both = pool.index_select(0, tables.view(-1)).view(rows, -1, 2, kv, d)
+            both = pool.index_select(0, tables.view(-1)).view(spans, -1, 2, kv, d)
+            # a key/value head's queries (its group, times the span's tokens) as one axis, as `attend` does
+            q = q.view(spans, count, kv, h // kv, d).permute(0, 2, 3, 1, 4).reshape(spans, kv, -1, d)
             a = F.scaled_dot_product_attention(
-                q.view(rows, kv, h // kv, d), both[:, :, 0].transpose(1, 2), both[:, :, 1].transpose(1, 2),
-                attn_mask=mask, scale=d**-0.5)
-            x = x + self.out(i, a.reshape(rows, -1))
+                q, both[:, :, 0].transpose(1, 2), both[:, :, 1].transpose(1, 2), attn_mask=mask, scale=d**-0.5)
+            a = a.view(spans, kv, h // kv, count, d).permute(0, 3, 1, 2, 4).reshape(tokens, -1)
+            x = x + self.out(i, a)
             gate, up = self.gate_up(i, F.rms_norm(x, (x.shape[-1],), self.post_norms[i], self.eps)).chunk(2, -1)
             x = x + self.down(i, F.silu(gate) * up)
         return F.rms_norm(x, (x.shape[-1],), self.final_norm, self.eps)
@@ -101,49 +106,65 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 class CompiledDecode:
-    """The compiled step, and which batches it takes. Compiled at start-up (`warm_up`) for one row and for
-    any other row count, both for any block-table width, so no request waits for a compile."""
+    """The compiled step, and which batches it takes. Compiled at start-up (`warm_up`) for one row, for any
+    other row count, and (with `drafts`) for one span of several tokens, each for any block-table width, so
+    no request waits for a compile."""
 
-    def __init__(self, model: Any, rotary: Any) -> None:
+    def __init__(self, model: Any, rotary: Any, *, drafts: bool = False) -> None:
+        """`drafts`: also compile a lone sequence's verification of prompt lookup's drafts (a span of 2-65
+        tokens), which at one stream would otherwise cost an eager step for every compiled one it saves."""
         self.rotary = rotary
+        self.drafts = drafts
         self._graph = _DecodeGraph(model).eval()
         # the sizes that vary are marked on every call; the rest (the pools above all) stay static
         self._compiled = torch.compile(self._graph, dynamic=False, fullgraph=True)
-        self.steps = 0  # decode steps it ran (the tests check that it was used)
+        self.steps: Counter[str] = Counter()  # steps served (not warm-ups): "rows" (decode rows) or "span"
 
-    @staticmethod
-    def takes(batch: ForwardBatch) -> bool:
-        """Decode rows only, attending as one group over at least two blocks (drafts to verify, prefill
-        chunks and the first block of a sequence stay eager: a size of 1 would compile a graph of its own)."""
-        return len(batch.groups) == 1 and batch.groups[0].count == 1 and batch.groups[0].tables.shape[1] > 1
+    def takes(self, batch: ForwardBatch) -> bool:
+        """One attention group over at least two blocks, of decode rows or (with `drafts`) of one span of up
+        to GROUPED_MAX_TOKENS tokens; anything else stays eager (a size of 1 would compile a graph of its own,
+        and several drafting spans at once are rare enough not to be worth one)."""
+        if len(batch.groups) != 1 or batch.groups[0].tables.shape[1] < 2:
+            return False
+        spans, count = batch.groups[0].tables.shape[0], batch.groups[0].count
+        return count == 1 or (self.drafts and spans == 1 and count <= GROUPED_MAX_TOKENS)
 
     def __call__(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
+        self.steps["span" if batch.groups[0].count > 1 else "rows"] += 1
+        return self._run(batch, cache)
+
+    def _run(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
         group = batch.groups[0]
-        rows = batch.input_ids.shape[0]
+        spans, count = group.tables.shape[0], group.count
+        tokens = spans * count
         cos, sin = self.rotary(cache.pools[0], batch.positions.view(1, -1))
-        args = (batch.input_ids, cos.view(rows, 1, -1), sin.view(rows, 1, -1), batch.slots, group.tables, group.mask)
+        ids, cos, sin = batch.input_ids.view(spans, count), cos.view(tokens, 1, -1), sin.view(tokens, 1, -1)
         torch._dynamo.mark_dynamic(group.tables, 1)
         torch._dynamo.mark_dynamic(group.mask, 3)
-        if rows > 1:
-            for tensor in args:
+        if spans > 1:
+            for tensor in (ids, cos, sin, batch.slots, group.tables, group.mask):
                 torch._dynamo.mark_dynamic(tensor, 0)
-        self.steps += 1
+        if count > 1:
+            for tensor, dim in ((ids, 1), (cos, 0), (sin, 0), (batch.slots, 0), (group.mask, 2)):
+                torch._dynamo.mark_dynamic(tensor, dim)
         with inductor_config.patch(_INDUCTOR_OPTIONS):
-            return self._compiled(*args, cache.pools)
+            return self._compiled(ids, cos, sin, batch.slots, group.tables, group.mask, cache.pools)
 
     def warm_up(self, cache: PagedKVCache, blocks: list[int], group: int) -> None:
-        """Compile for one row and for several (which covers every other count) by running decode steps
-        into `blocks` of the cache (the caller clears them afterwards; rows may share them when few).
+        """Compile each graph by running a step into `blocks` of the cache (the caller clears them
+        afterwards; rows may share them when few).
 
         Sizes of 0 and 1 are compiled as constants, and equal dynamic sizes are assumed to stay equal, so
-        the rows and block-table width used here differ from each other."""
-        for rows in (1, _WARM_UP_ROWS):
-            spans = [Span(r, 1, (_WARM_UP_WIDTH - 1) * cache.block_size,
+        the rows, span length and block-table width used here differ from each other."""
+        shapes = [(1, 1, "one row"), (_WARM_UP_ROWS, 1, "several rows")]
+        if self.drafts:
+            shapes.append((1, _WARM_UP_SPAN, "a drafting row"))
+        for rows, count, what in shapes:
+            spans = [Span(r * count, count, (_WARM_UP_WIDTH - 1) * cache.block_size,
                           [blocks[(r * _WARM_UP_WIDTH + j) % len(blocks)] for j in range(_WARM_UP_WIDTH)])
                      for r in range(rows)]
-            batch = ForwardBatch.build(spans, [[0]] * rows, block_size=cache.block_size, group=group,
+            batch = ForwardBatch.build(spans, [[0] * count] * rows, block_size=cache.block_size, group=group,
                                        dtype=cache.pools[0].dtype, device=cache.device)
             started = time.monotonic()
-            self(batch, cache)
-            log.info("compiled the decode step for %s in %.1f s", "one row" if rows == 1 else "several rows",
-                     time.monotonic() - started)
+            self._run(batch, cache)
+            log.info("compiled the step for %s in %.1f s", what, time.monotonic() - started)

@@ -106,10 +106,12 @@ class TorchEngine:
         attention_sinks: tuple[int, int] | None = None,
         session_space: int | None = None,
         compile_decode: bool = False,
+        compile_drafts: bool = False,
     ) -> None:
         """`attention_sinks`: (sinks, window) for StreamingLLM, None for dense attention; `session_space`:
         bytes of KV idle sessions may keep (None: DEFAULT_SESSION_FRACTION of RAM); `compile_decode`: decode
-        steps through torch.compile, compiled here (see `compiled_decode`)."""
+        steps through torch.compile, compiled here (see `compiled_decode`), and with `compile_drafts` (prompt
+        lookup on by default) a lone sequence's draft verification too."""
         config = model.config
         param = next(model.parameters())
         shape = AttentionShape.of(config)
@@ -131,7 +133,7 @@ class TorchEngine:
             raise ValueError(f"option.attention_sinks cannot serve this model ({reason}); it needs our "
                              "Llama-family forward (Llama, Mistral, Qwen2, SmolLM) with a fixed RoPE")
         self.runner = ModelRunner(model, cache, forward="native" if self.sinks else forward,
-                                  compile_decode=compile_decode)
+                                  compile_decode=compile_decode, compile_drafts=compile_drafts)
         if compile_decode:
             warm_up_blocks = list(range(min(64, num_blocks)))
             with torch.inference_mode():  # the mode every step runs in, so the compiled graphs' guards hold
@@ -211,7 +213,9 @@ class TorchEngine:
             self._stats = BackendStats(running=len(s.running), waiting=len(s.waiting),
                                        kv_blocks_used=self.allocator.used_blocks,
                                        kv_blocks_total=self.allocator.num_blocks,
-                                       session_kv_bytes=self.sessions.held_blocks * self._block_bytes)
+                                       session_kv_bytes=self.sessions.held_blocks * self._block_bytes,
+                                       compiled_steps=self.runner.steps["compiled"],
+                                       eager_steps=self.runner.steps["eager"])
 
     def _drain_inbox(self) -> None:
         while True:
@@ -318,6 +322,7 @@ class TorchBackend(Backend):
         session_space: int | None = None,
         prompt_lookup_max_ngram: int = DEFAULT_PROMPT_LOOKUP_MAX_NGRAM,
         compile_decode: bool = False,
+        compile_drafts: bool = False,
     ) -> None:
         self._model_loader = model_loader
         self.prompt_lookup_max_ngram = prompt_lookup_max_ngram
@@ -327,7 +332,7 @@ class TorchBackend(Backend):
         self._engine_args: dict[str, Any] = dict(
             max_running=max_running, max_model_len=max_model_len, prefill_tokens=prefill_tokens,
             kv_cache_space=kv_cache_space, attention_sinks=attention_sinks, session_space=session_space,
-            compile_decode=compile_decode,
+            compile_decode=compile_decode, compile_drafts=compile_drafts,
         )
         self._engine: TorchEngine | None = None
         self._grammars: Grammars | None = None

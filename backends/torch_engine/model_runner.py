@@ -4,6 +4,7 @@ the positions that need it into logits, samples and prompt log-probs. Knows noth
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,9 +32,13 @@ class ChunkResult:
 
 
 class ModelRunner:
-    def __init__(self, model: Any, cache: PagedKVCache, *, forward: str = "auto", compile_decode: bool = False) -> None:
+    def __init__(
+        self, model: Any, cache: PagedKVCache, *, forward: str = "auto", compile_decode: bool = False,
+        compile_drafts: bool = False,
+    ) -> None:
         """`forward`: "native" (our Llama-family forward), "transformers", or "auto" (native when it fits);
-        `compile_decode`: decode-only steps through `CompiledDecode` (our forward in bf16/fp16 only)."""
+        `compile_decode`: decode-only steps through `CompiledDecode` (our forward in bf16/fp16 only), and with
+        `compile_drafts` a lone sequence's draft verification too."""
         self.cache = cache
         config = model.config
         reason = llama.unsupported_reason(config)
@@ -53,11 +58,12 @@ class ModelRunner:
         self._group = AttentionShape.of(config).group
         self._device = next(model.parameters()).device
         self._decode: CompiledDecode | None = None
+        self.steps: Counter[str] = Counter()  # forward steps, "compiled" or "eager" (`/metrics`)
         if compile_decode:
             if not isinstance(self._forward, llama.LlamaForward) or self._dtype == torch.float32:
                 raise ValueError("option.compile_decode needs our Llama-family forward (Llama, Mistral, Qwen2, "
                                  "SmolLM) in bf16 or fp16 (fp32 stays eager: it equals transformers bit for bit)")
-            self._decode = CompiledDecode(model, self._forward.rotary)
+            self._decode = CompiledDecode(model, self._forward.rotary, drafts=compile_drafts)
 
     def warm_up(self, blocks: list[int]) -> None:
         """Compile what is compiled before the first request, writing into `blocks` (the caller clears them)."""
@@ -85,8 +91,10 @@ class ModelRunner:
                                    dtype=self._dtype, device=self._device)
         if self._decode is not None and self._decode.takes(batch):
             hidden = self._decode(batch, self.cache)
+            self.steps["compiled"] += 1
         else:
             hidden = self._forward(batch, self.cache)
+            self.steps["eager"] += 1
         results = [ChunkResult(c) for c in chunks]
         self._prompt_logprobs(results, spans, hidden)
         self._draw(results, spans, hidden)
