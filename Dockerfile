@@ -65,6 +65,13 @@ RUN python -m venv /opt/optimum-venv \
     && /opt/optimum-venv/bin/optimum-cli export openvino --help > /dev/null
 
 FROM ${BASE_IMAGE} AS runtime-cpu
+# option.compile_decode: inductor builds the compiled decode step's C++ kernels with the system C++ compiler.
+# DL3008 (pin apt versions): the base image fixes the Debian release, and exact versions vanish from the
+# mirrors with each security update, which would break rebuilds.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=optimum /opt/optimum-venv /opt/optimum-venv
 # option.rolling_batch=openvino converts HF directories with it (once, into the cache).
 ENV LLM_ENDPOINT_OPTIMUM_CLI=/opt/optimum-venv/bin/optimum-cli

@@ -237,6 +237,12 @@ def test_cpu_image_carries_the_optimum_converter_in_its_own_venv(tmp_path: Path)
     assert "/opt/optimum-venv/bin/optimum-cli" in build  # smoke-run at build time
 
 
+def test_cpu_image_carries_the_cpp_compiler_compile_decode_needs() -> None:
+    """option.compile_decode has inductor build C++ kernels at start-up; without g++ the option cannot run."""
+    installs = [a for k, a in stage("runtime-cpu") if k == "RUN" and "apt-get install" in a]
+    assert len(installs) == 1 and " g++ " in installs[0]
+
+
 def test_stage_names_in_from_come_from_header_args_with_defaults() -> None:
     """`FROM runtime-${VARIANT}` resolves from the arguments declared before the first FROM, so each needs a
     default there: a build without --build-arg must pick the CPU image."""

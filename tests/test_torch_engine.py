@@ -519,19 +519,36 @@ def test_compiled_decode_tracks_fp32_at_least_as_closely_as_transformers_bf16_wi
     assert ours_error <= 1.25 * their_error + 1e-3, (ours_error, their_error)
 
 
+def _tiny_llama(**config: Any) -> Any:
+    """A random two-layer bf16 Llama: what the compiled step's structural tests need, in milliseconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, **config)).to(torch.bfloat16).eval()
+
+
+def test_compiled_decode_without_a_cpp_compiler_is_refused_at_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inductor would fail deep inside the first compile; the option says what is missing instead."""
+    import torch._inductor.config as inductor_config
+
+    from llm_endpoint.backends.torch_engine.compiled_decode import CompiledDecode
+
+    model = _tiny_llama()
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "no-such-c++-compiler"))
+    with pytest.raises(ValueError, match="compile_decode needs a C\\+\\+ compiler.*no-such-c\\+\\+-compiler"):
+        CompiledDecode(model, model.model.rotary_emb)
+
+
 def test_compiled_decode_keeps_every_projection_bias() -> None:
     """Llama checkpoints may carry biases on every projection (`attention_bias`, `mlp_bias`), Qwen2 on q/k/v:
     the compiled step must add each one where our eager forward does (a tiny random model, biases set)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from llm_endpoint.backends.torch_engine.block_cache import AttentionShape
     from llm_endpoint.backends.torch_engine.compiled_decode import CompiledDecode
     from llm_endpoint.backends.torch_engine.llama import LlamaForward
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True)
-    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    model = _tiny_llama(attention_bias=True, mlp_bias=True)
+    config = model.config
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("bias"):

@@ -15,6 +15,7 @@ transformers' bit for bit and this one would not, so it serves bf16/fp16 only.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections import Counter
 from typing import Any
@@ -113,6 +114,10 @@ class CompiledDecode:
     def __init__(self, model: Any, rotary: Any, *, drafts: bool = False) -> None:
         """`drafts`: also compile a lone sequence's verification of prompt lookup's drafts (a span of 2-65
         tokens), which at one stream would otherwise cost an eager step for every compiled one it saves."""
+        compilers = [c for c in inductor_config.cpp.cxx if c]
+        if not any(shutil.which(c) for c in compilers):
+            raise ValueError(f"option.compile_decode needs a C++ compiler for torch.compile's CPU kernels "
+                             f"({' or '.join(compilers)}, set by $CXX); install one or turn the option off")
         self.rotary = rotary
         self.drafts = drafts
         self._graph = _DecodeGraph(model).eval()
