@@ -465,6 +465,7 @@ def test_compiled_decode_tracks_fp32_at_least_as_closely_as_transformers_bf16_wi
     to. Each stream's reported log-probs (its decode steps compiled, for one row and for several, rows joining
     mid-stream, and a lone stream's draft verification) against the fp32 model's on the same tokens, no
     further off than transformers' bf16 forward."""
+    from torch._dynamo.utils import counters
     from transformers import AutoModelForCausalLM
 
     from tests.test_disconnect import wait_until
@@ -472,6 +473,7 @@ def test_compiled_decode_tracks_fp32_at_least_as_closely_as_transformers_bf16_wi
 
     harness = EngineHarness(model_dir, tokenizer, dtype=torch.bfloat16, compile_decode=True, compile_drafts=True,
                             prefill_tokens=16)
+    graphs = counters["stats"]["unique_graphs"]  # those compiled at start-up
     try:
         first_wave = [Stream(PROMPTS[0], 24), Stream(PROMPTS[3], 12)]
         second_wave = [Stream(PROMPTS[1], 20), Stream(PROMPTS[2], 16)]
@@ -494,6 +496,7 @@ def test_compiled_decode_tracks_fp32_at_least_as_closely_as_transformers_bf16_wi
         decode, runner = harness.engine.runner._decode, harness.engine.runner
         assert decode is not None and decode.steps["rows"] > 20 and decode.steps["span"] > 2
         assert drafting.events[-1].accepted_draft_tokens > 8
+        assert counters["stats"]["unique_graphs"] == graphs, "a request waited for a compile"
         # each step counted once, compiled or eager (prefill chunks, the first block), as /metrics reports
         assert decode.steps.total() == runner.steps["compiled"] and runner.steps["eager"] > 0
         engine = harness.engine
@@ -528,15 +531,16 @@ def _tiny_llama(**config: Any) -> Any:
                                         num_attention_heads=4, num_key_value_heads=2, **config)).to(torch.bfloat16).eval()
 
 
-def test_compiled_decode_without_a_cpp_compiler_is_refused_at_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiled_decode_without_a_cpp_compiler_is_refused_at_start_up() -> None:
     """Inductor would fail deep inside the first compile; the option says what is missing instead."""
     import torch._inductor.config as inductor_config
 
     from llm_endpoint.backends.torch_engine.compiled_decode import CompiledDecode
 
     model = _tiny_llama()
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "no-such-c++-compiler"))
-    with pytest.raises(ValueError, match="compile_decode needs a C\\+\\+ compiler.*no-such-c\\+\\+-compiler"):
+    with inductor_config.patch({"cpp.cxx": (None, "no-such-c++-compiler")}), pytest.raises(
+        ValueError, match="compile_decode needs a C\\+\\+ compiler.*no-such-c\\+\\+-compiler"
+    ):
         CompiledDecode(model, model.model.rotary_emb)
 
 
