@@ -214,8 +214,8 @@ class TorchEngine:
                                        kv_blocks_used=self.allocator.used_blocks,
                                        kv_blocks_total=self.allocator.num_blocks,
                                        session_kv_bytes=self.sessions.held_blocks * self._block_bytes,
-                                       compiled_steps=self.runner.steps["compiled"],
-                                       eager_steps=self.runner.steps["eager"])
+                                       compiled_steps=self.runner.compiled_steps,
+                                       eager_steps=self.runner.eager_steps)
 
     def _drain_inbox(self) -> None:
         while True:

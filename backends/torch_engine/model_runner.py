@@ -4,7 +4,6 @@ the positions that need it into logits, samples and prompt log-probs. Knows noth
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +57,7 @@ class ModelRunner:
         self._group = AttentionShape.of(config).group
         self._device = next(model.parameters()).device
         self._decode: CompiledDecode | None = None
-        self.steps: Counter[str] = Counter()  # forward steps, "compiled" or "eager" (`/metrics`)
+        self.eager_steps = 0  # forward steps our eager forward ran (`/metrics`; compiled ones: `compiled_steps`)
         if compile_decode:
             if not isinstance(self._forward, llama.LlamaForward) or self._dtype == torch.float32:
                 raise ValueError("option.compile_decode needs our Llama-family forward (Llama, Mistral, Qwen2, "
@@ -69,6 +68,10 @@ class ModelRunner:
         """Compile what is compiled before the first request, writing into `blocks` (the caller clears them)."""
         if self._decode is not None:
             self._decode.warm_up(self.cache, blocks, self._group)
+
+    @property
+    def compiled_steps(self) -> int:
+        return self._decode.steps.total() if self._decode is not None else 0
 
     @property
     def rotary(self) -> Any:
@@ -91,10 +94,9 @@ class ModelRunner:
                                    dtype=self._dtype, device=self._device)
         if self._decode is not None and self._decode.takes(batch):
             hidden = self._decode(batch, self.cache)
-            self.steps["compiled"] += 1
         else:
             hidden = self._forward(batch, self.cache)
-            self.steps["eager"] += 1
+            self.eager_steps += 1
         results = [ChunkResult(c) for c in chunks]
         self._prompt_logprobs(results, spans, hidden)
         self._draw(results, spans, hidden)
