@@ -132,8 +132,9 @@ class ServingConfig(BaseModel):
     prompt_lookup_num_tokens: int = Field(0, ge=0, le=64)
     prompt_lookup_max_ngram: int = Field(3, ge=1, le=16)
     # Our engine's decode steps through torch.compile (bf16/fp16, Llama family): faster steps for a compile
-    # of ~30-60 s per row-count class at start-up and a second, packed copy of the weights.
-    compile_decode: bool = False
+    # of ~30-75 s per graph at start-up and a second, packed copy of the weights. None ("auto", the default):
+    # wherever it serves and was measured to pay (see `TorchEngine`), true: or refuse to start, false: never.
+    compile_decode: bool | None = None
     engine_options: dict[str, str] = Field(default_factory=dict)
     # Where downloads and conversions are kept (LLM_ENDPOINT_CACHE), and the optimum-intel converter that
     # turns HF directories into OpenVINO IR (LLM_ENDPOINT_OPTIMUM_CLI, else optimum-cli on PATH).
@@ -155,8 +156,15 @@ class ServingConfig(BaseModel):
             return "max"
         return v
 
+    @field_validator("compile_decode", mode="before")
+    @classmethod
+    def _auto_bool(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return None if v.strip().lower() == "auto" else parse_bool(v)
+        return v
+
     @field_validator("trust_remote_code", "tgi_compat", "enforce_eager", "enable_stateful_sessions", "expose_model_url",
-                     "enable_auto_tool_choice", "compile_decode", mode="before")
+                     "enable_auto_tool_choice", mode="before")
     @classmethod
     def _strict_bool(cls, v: Any) -> Any:
         return parse_bool(v) if isinstance(v, str) else v

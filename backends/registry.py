@@ -112,7 +112,7 @@ def create_backend(config: ServingConfig, files: ModelFiles, tokenizer: Any, max
             prompt_lookup_max_ngram=config.prompt_lookup_max_ngram,
             compile_decode=config.compile_decode,
             # requests draft by default: their verification is worth a graph of its own (~1 min at start-up)
-            compile_drafts=config.compile_decode and config.prompt_lookup_num_tokens > 0,
+            compile_drafts=config.prompt_lookup_num_tokens > 0,
         )
         backend.name = choice.value
         return backend

@@ -272,6 +272,8 @@ def _describe(field: str, err: Mapping[str, Any]) -> str:
         return "expected one of hermes"
     if field == "tensor_parallel_degree":
         return "expected 'max' or a positive integer"
+    if field == "compile_decode":
+        return "expected auto, true or false"
     ctx = err.get("ctx") or {}
     bounds = " and ".join(f"{op} {ctx[k]}" for k, op in (("ge", ">="), ("gt", ">"), ("le", "<=")) if k in ctx)
     annotation = str(ServingConfig.model_fields[field].annotation) if field in ServingConfig.model_fields else ""

@@ -334,8 +334,10 @@ def test_stream_alongside_the_table_completed_intact(server, alongside: Alongsid
 
 @pytest.fixture(scope="module")
 def limited_server(model_dir, backend, tmp_path_factory) -> Iterator[RunningServer]:
+    # compile_decode: our engine runs its default bf16 here, which would compile (~2 min) for nothing
     server = start_server(
-        model_dir, {"max_rolling_batch_size": "1"}, tmp_path_factory.mktemp("limited-server"), backend,
+        model_dir, {"max_rolling_batch_size": "1", "compile_decode": "false"}, tmp_path_factory.mktemp("limited-server"),
+        backend,
         {"SERVING_MAX_REQUEST_SIZE": str(SMALL_REQUEST_LIMIT), "SERVING_JOB_QUEUE_SIZE": "1"},
     )
     yield server

@@ -85,6 +85,14 @@ def test_session_and_sink_options_and_their_sagemaker_variables(tmp_path: Path) 
     assert load_config(tmp_path, {"OPTION_ATTENTION_SINKS": "0"}).attention_sinks_enabled  # a plain window
 
 
+def test_compile_decode_is_auto_unless_set(tmp_path: Path) -> None:
+    """None is "auto" (the engine decides, see `compile_by_default_reason`); true and false are the user's."""
+    assert load_config(tmp_path, {}).compile_decode is None
+    assert load_config(tmp_path, {"OPTION_COMPILE_DECODE": " Auto "}).compile_decode is None
+    assert load_config(tmp_path, {"OPTION_COMPILE_DECODE": "true"}).compile_decode is True
+    assert load_config(tmp_path, {"OPTION_COMPILE_DECODE": "off"}).compile_decode is False
+
+
 def test_model_name_follows_lmi(tmp_path: Path) -> None:
     assert load_config(tmp_path, {"HF_MODEL_ID": "org/my-model"}).model_name == "org_my_model"
     assert load_config(tmp_path / "x", {}).model_name == "x"
@@ -105,6 +113,8 @@ def test_model_name_follows_lmi(tmp_path: Path) -> None:
         ({"OPTION_ATTENTION_WINDOW": "8"},
          "option.attention_window (env OPTION_ATTENTION_WINDOW)='8': expected an integer >= 32"),
         ({"OPTION_SESSIONS_EXPIRATION": "0"}, "expected an integer >= 1"),
+        ({"OPTION_COMPILE_DECODE": "always"},
+         "option.compile_decode (env OPTION_COMPILE_DECODE)='always': expected auto, true or false"),
     ],
 )
 def test_invalid_values_name_option_value_and_allowed(tmp_path: Path, env: dict, fragment: str) -> None:
@@ -174,7 +184,8 @@ def test_a_default_install_answers_alternatives_over_http(model_dir: Path, tmp_p
 
     from tests.conftest import start_server
 
-    server = start_server(model_dir, {"max_rolling_batch_size": "2"}, tmp_path, "auto")
+    # with compile_decode at its default the bf16 engine would compile for ~2 min; what is tested is the same
+    server = start_server(model_dir, {"max_rolling_batch_size": "2", "compile_decode": "false"}, tmp_path, "auto")
     try:
         assert "option.rolling_batch=auto -> scheduler" in server.log_tail()
         lmi = requests.post(server.url + "/invocations", timeout=120, json={

@@ -471,7 +471,8 @@ def test_compiled_decode_tracks_fp32_at_least_as_closely_as_transformers_bf16_wi
     from tests.test_disconnect import wait_until
     from tests.test_prompt_lookup import GROUNDED
 
-    harness = EngineHarness(model_dir, tokenizer, dtype=torch.bfloat16, compile_decode=True, compile_drafts=True,
+    # compile_decode=None: the default, "auto", which compiles a bf16 Llama on the CPU
+    harness = EngineHarness(model_dir, tokenizer, dtype=torch.bfloat16, compile_decode=None, compile_drafts=True,
                             prefill_tokens=16)
     graphs = counters["stats"]["unique_graphs"]  # those compiled at start-up
     try:
@@ -531,17 +532,49 @@ def _tiny_llama(**config: Any) -> Any:
                                         num_attention_heads=4, num_key_value_heads=2, **config)).to(torch.bfloat16).eval()
 
 
+def _tiny_cache(model: Any, blocks: int = 16) -> PagedKVCache:
+    from llm_endpoint.backends.torch_engine.block_cache import AttentionShape
+
+    shape = AttentionShape.of(model.config)
+    return PagedKVCache(num_layers=shape.layers, num_blocks=blocks, block_size=4, num_kv_heads=shape.kv_heads,
+                        head_dim=shape.head_dim, dtype=torch.bfloat16, device=torch.device("cpu"))
+
+
 def test_compiled_decode_without_a_cpp_compiler_is_refused_at_start_up() -> None:
     """Inductor would fail deep inside the first compile; the option says what is missing instead."""
     import torch._inductor.config as inductor_config
 
-    from llm_endpoint.backends.torch_engine.compiled_decode import CompiledDecode
+    from llm_endpoint.backends.torch_engine.model_runner import ModelRunner
 
     model = _tiny_llama()
     with inductor_config.patch({"cpp.cxx": (None, "no-such-c++-compiler")}), pytest.raises(
         ValueError, match="compile_decode needs a C\\+\\+ compiler.*no-such-c\\+\\+-compiler"
     ):
-        CompiledDecode(model, model.model.rotary_emb)
+        ModelRunner(model, _tiny_cache(model), compile_decode=True)
+
+
+def test_compile_decode_auto_compiles_only_where_it_serves_and_was_measured(
+    hf_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default (`option.compile_decode=auto`): a bf16 Llama on the CPU with a C++ compiler is compiled;
+    fp32, a missing compiler, another device, attention sinks, or weights whose packed copy would take more
+    than an eighth of RAM stay eager, each with its reason for the start-up log."""
+    import torch._inductor.config as inductor_config
+
+    from llm_endpoint.backends.torch_engine import engine
+
+    tiny = _tiny_llama()
+    assert engine.compile_by_default_reason(tiny, attention_sinks=False) is None
+    assert "bf16 or fp16" in str(engine.compile_by_default_reason(hf_model, attention_sinks=False))
+    assert "attention sinks" in str(engine.compile_by_default_reason(tiny, attention_sinks=True))
+    assert "not on meta" in str(engine.compile_by_default_reason(_tiny_llama().to("meta"), attention_sinks=False))
+    with inductor_config.patch({"cpp.cxx": (None, "no-such-c++-compiler")}):
+        assert "C++ compiler" in str(engine.compile_by_default_reason(tiny, attention_sinks=False))
+    weights = sum(p.numel() * p.element_size() for p in tiny.parameters())
+    monkeypatch.setattr(engine, "_physical_memory", lambda: weights * 8)
+    assert engine.compile_by_default_reason(tiny, attention_sinks=False) is None
+    monkeypatch.setattr(engine, "_physical_memory", lambda: weights * 8 - 8)
+    assert "at most 12.5% of RAM" in str(engine.compile_by_default_reason(tiny, attention_sinks=False))
 
 
 def test_compiled_decode_keeps_every_projection_bias() -> None:
@@ -558,8 +591,7 @@ def test_compiled_decode_keeps_every_projection_bias() -> None:
             if name.endswith("bias"):
                 param.normal_()
     shape = AttentionShape.of(config)
-    cache = PagedKVCache(num_layers=shape.layers, num_blocks=16, block_size=4, num_kv_heads=shape.kv_heads,
-                         head_dim=shape.head_dim, dtype=torch.bfloat16, device=torch.device("cpu"))
+    cache = _tiny_cache(model)
     cache.clear(list(range(16)))
     eager, compiled = LlamaForward(model), CompiledDecode(model, model.model.rotary_emb)
     table, ids = [3, 4, 5], list(range(1, 10))

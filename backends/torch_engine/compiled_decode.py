@@ -1,15 +1,17 @@
-"""Decode steps through torch.compile, opt-in (`option.compile_decode=true`): the same Llama-family arithmetic
-as `llama.LlamaForward`, written for inductor with frozen weights and its C++ wrapper, for steps whose rows
-are all single decode tokens attending as one group.
+"""Decode steps through torch.compile (`option.compile_decode`; by default wherever it serves, see
+`TorchEngine`): the same Llama-family arithmetic as `llama.LlamaForward`, written for inductor with frozen
+weights and its C++ wrapper, for steps whose rows are all single decode tokens attending as one group, and
+a lone sequence's draft verification.
 
 Why: one stream here is bound by the ~420 small operator calls a decode step makes between its matmuls
 (norms, RoPE, cache writes, SiLU, residual adds; ~5.6 of ~20.5 ms at one row on the demo model, measured),
 which eager PyTorch cannot fuse. Inductor fuses them into a few C++ kernels, packs the weights for oneDNN
 itself (freezing) and calls everything from C++ (cpp_wrapper): 16.5 ms against 20.8 ms for our eager
-forward in the same process (README, Performance). The cost: one compile per row-count class (one row, and
-any other count; ~30-60 s each, done at start-up), and inductor's packed copy of the weights beside the
-eager ones (prefill chunks and draft verification stay eager). In fp32 our eager forward equals
-transformers' bit for bit and this one would not, so it serves bf16/fp16 only.
+forward in the same process (README, Performance). The cost: one compile per graph (one row, any other row
+count, and a drafting row; ~30-75 s each, done at start-up; inductor's on-disk cache cannot keep them, since
+the packed weights do not pickle), and inductor's packed copy of the weights beside the eager ones (prefill
+chunks stay eager). In fp32 our eager forward equals transformers' bit for bit and this one would not, so it
+serves bf16/fp16 only.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ import torch
 import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 
+from llm_endpoint.backends.torch_engine import llama
 from llm_endpoint.backends.torch_engine.block_cache import AttentionShape, PagedKVCache
 from llm_endpoint.backends.torch_engine.forward_batch import GROUPED_MAX_TOKENS, ForwardBatch, Span
-from llm_endpoint.backends.torch_engine.llama import fused_weights
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +70,9 @@ class _DecodeGraph(torch.nn.Module):
         attns, mlps = [b.self_attn for b in layers], [b.mlp for b in layers]
         self.input_norms = _parameters([b.input_layernorm.weight for b in layers])
         self.post_norms = _parameters([b.post_attention_layernorm.weight for b in layers])
-        self.qkv = _Linears([fused_weights(a.q_proj, a.k_proj, a.v_proj) for a in attns])
+        self.qkv = _Linears([llama.fused_weights(a.q_proj, a.k_proj, a.v_proj) for a in attns])
         self.out = _Linears([(a.o_proj.weight, a.o_proj.bias) for a in attns])
-        self.gate_up = _Linears([fused_weights(m.gate_proj, m.up_proj) for m in mlps])
+        self.gate_up = _Linears([llama.fused_weights(m.gate_proj, m.up_proj) for m in mlps])
         self.down = _Linears([(m.down_proj.weight, m.down_proj.bias) for m in mlps])
 
     def forward(
@@ -106,6 +108,17 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+def unsupported_reason(config: Any, dtype: torch.dtype) -> str | None:
+    """Why the compiled step cannot serve this model (None: it can), in words that follow "compile_decode"."""
+    if (reason := llama.unsupported_reason(config)) or dtype == torch.float32:
+        return ("needs our Llama-family forward (Llama, Mistral, Qwen2, SmolLM) in bf16 or fp16 (fp32 stays eager: "
+                f"it equals transformers bit for bit){'; here: ' + reason if reason else ''}")
+    compilers = [c for c in inductor_config.cpp.cxx if c]
+    if not any(shutil.which(c) for c in compilers):
+        return f"needs a C++ compiler for torch.compile's CPU kernels ({' or '.join(compilers)}, set by $CXX)"
+    return None
+
+
 class CompiledDecode:
     """The compiled step, and which batches it takes. Compiled at start-up (`warm_up`) for one row, for any
     other row count, and (with `drafts`) for one span of several tokens, each for any block-table width, so
@@ -114,10 +127,6 @@ class CompiledDecode:
     def __init__(self, model: Any, rotary: Any, *, drafts: bool = False) -> None:
         """`drafts`: also compile a lone sequence's verification of prompt lookup's drafts (a span of 2-65
         tokens), which at one stream would otherwise cost an eager step for every compiled one it saves."""
-        compilers = [c for c in inductor_config.cpp.cxx if c]
-        if not any(shutil.which(c) for c in compilers):
-            raise ValueError(f"option.compile_decode needs a C++ compiler for torch.compile's CPU kernels "
-                             f"({' or '.join(compilers)}, set by $CXX); install one or turn the option off")
         self.rotary = rotary
         self.drafts = drafts
         self._graph = _DecodeGraph(model).eval()

@@ -29,7 +29,7 @@ import torch
 from llm_endpoint.backends.base import Backend, BackendStats
 from llm_endpoint.backends.errors import BackendError, RequestRejected, prompt_too_long
 from llm_endpoint.backends.text import TextAssembler
-from llm_endpoint.backends.torch_engine import llama
+from llm_endpoint.backends.torch_engine import compiled_decode, llama
 from llm_endpoint.backends.torch_engine.block_cache import (
     DEFAULT_BLOCK_SIZE,
     AttentionShape,
@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 DEFAULT_PREFILL_TOKENS = 256
 DEFAULT_KV_CACHE_FRACTION = 0.25  # of physical memory, when option.kv_cache_space is not set
 DEFAULT_SESSION_FRACTION = 0.125  # of physical memory idle sessions may keep, when sessions_max_memory is not set
+# compile_decode=auto compiles only where its second, packed copy of the weights is at most this share of RAM
+COMPILE_WEIGHTS_FRACTION = 0.125
 
 
 def _physical_memory() -> int:
@@ -89,6 +91,24 @@ def kv_cache_blocks(
     return max(one_sequence, min(worst, budget))
 
 
+def compile_by_default_reason(model: Any, *, attention_sinks: bool) -> str | None:
+    """Why `option.compile_decode=auto` leaves decode steps eager (None: it compiles them). Beyond what the
+    compiled step can serve at all: it was measured on CPUs only (on this 2-core Xeon, 1.17-1.25x a one-row
+    step, README), not with attention sinks, and its extra copy of the weights must be small beside RAM."""
+    param = next(model.parameters())
+    if reason := compiled_decode.unsupported_reason(model.config, param.dtype):
+        return reason
+    if param.device.type != "cpu":
+        return f"compiles by default on CPUs only (measured there), not on {param.device.type}"
+    if attention_sinks:
+        return "compiles by default without attention sinks only (not measured with them)"
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if weights > _physical_memory() * COMPILE_WEIGHTS_FRACTION:
+        return (f"compiles by default only where its packed copy of the weights ({weights / 2**30:.1f} GiB) "
+                f"is at most {COMPILE_WEIGHTS_FRACTION:.1%} of RAM")
+    return None
+
+
 class TorchEngine:
     """The engine loop. Thread-safe entry points: `submit`, `abort`, `stats`, `stop`."""
 
@@ -105,13 +125,14 @@ class TorchEngine:
         forward: str = "auto",
         attention_sinks: tuple[int, int] | None = None,
         session_space: int | None = None,
-        compile_decode: bool = False,
+        compile_decode: bool | None = False,
         compile_drafts: bool = False,
     ) -> None:
         """`attention_sinks`: (sinks, window) for StreamingLLM, None for dense attention; `session_space`:
         bytes of KV idle sessions may keep (None: DEFAULT_SESSION_FRACTION of RAM); `compile_decode`: decode
-        steps through torch.compile, compiled here (see `compiled_decode`), and with `compile_drafts` (prompt
-        lookup on by default) a lone sequence's draft verification too."""
+        steps through torch.compile, compiled here (see `compiled_decode`; None: unless
+        `compile_by_default_reason` gives one), and with `compile_drafts` (prompt lookup on by default) a lone
+        sequence's draft verification too."""
         config = model.config
         param = next(model.parameters())
         shape = AttentionShape.of(config)
@@ -132,6 +153,11 @@ class TorchEngine:
         if self.sinks and (reason := llama.unsupported_reason(config) or rope_unsupported_reason(config)):
             raise ValueError(f"option.attention_sinks cannot serve this model ({reason}); it needs our "
                              "Llama-family forward (Llama, Mistral, Qwen2, SmolLM) with a fixed RoPE")
+        if compile_decode is None:
+            reason = ("needs our forward, and transformers' was asked for" if forward == "transformers"
+                      else compile_by_default_reason(model, attention_sinks=self.sinks is not None))
+            compile_decode = reason is None
+            log.info("decode steps: %s (option.compile_decode=auto)", f"eager: it {reason}" if reason else "compiled")
         self.runner = ModelRunner(model, cache, forward="native" if self.sinks else forward,
                                   compile_decode=compile_decode, compile_drafts=compile_drafts)
         if compile_decode:
@@ -321,7 +347,7 @@ class TorchBackend(Backend):
         attention_sinks: tuple[int, int] | None = None,
         session_space: int | None = None,
         prompt_lookup_max_ngram: int = DEFAULT_PROMPT_LOOKUP_MAX_NGRAM,
-        compile_decode: bool = False,
+        compile_decode: bool | None = False,
         compile_drafts: bool = False,
     ) -> None:
         self._model_loader = model_loader

@@ -9,9 +9,8 @@ from typing import Any
 
 import torch
 
-from llm_endpoint.backends.torch_engine import llama
+from llm_endpoint.backends.torch_engine import compiled_decode, llama
 from llm_endpoint.backends.torch_engine.block_cache import AttentionShape, PagedKVCache
-from llm_endpoint.backends.torch_engine.compiled_decode import CompiledDecode
 from llm_endpoint.backends.torch_engine.forward_batch import ForwardBatch, Span
 from llm_endpoint.backends.torch_engine.linear import PackedLinear
 from llm_endpoint.backends.torch_engine.sampling import RowFailure, RowSample, sample_rows, verify_drafts
@@ -56,13 +55,16 @@ class ModelRunner:
         self._dtype = head.weight.dtype
         self._group = AttentionShape.of(config).group
         self._device = next(model.parameters()).device
-        self._decode: CompiledDecode | None = None
+        self._decode: compiled_decode.CompiledDecode | None = None
         self.eager_steps = 0  # forward steps our eager forward ran (`/metrics`; compiled ones: `compiled_steps`)
         if compile_decode:
-            if not isinstance(self._forward, llama.LlamaForward) or self._dtype == torch.float32:
-                raise ValueError("option.compile_decode needs our Llama-family forward (Llama, Mistral, Qwen2, "
-                                 "SmolLM) in bf16 or fp16 (fp32 stays eager: it equals transformers bit for bit)")
-            self._decode = CompiledDecode(model, self._forward.rotary, drafts=compile_drafts)
+            reason = compiled_decode.unsupported_reason(config, self._dtype)
+            if reason is None and not isinstance(self._forward, llama.LlamaForward):
+                reason = "needs our Llama-family forward, not transformers'"
+            if reason:
+                raise ValueError(f"option.compile_decode {reason}; set it to auto or false")
+            assert isinstance(self._forward, llama.LlamaForward)
+            self._decode = compiled_decode.CompiledDecode(model, self._forward.rotary, drafts=compile_drafts)
 
     def warm_up(self, blocks: list[int]) -> None:
         """Compile what is compiled before the first request, writing into `blocks` (the caller clears them)."""
