@@ -133,7 +133,7 @@ class ServingConfig(BaseModel):
     prompt_lookup_max_ngram: int = Field(3, ge=1, le=16)
     # Our engine's decode steps through torch.compile (bf16/fp16, Llama family): faster steps for a compile
     # of ~30-75 s per graph at start-up and a second, packed copy of the weights. None ("auto", the default):
-    # wherever it serves and was measured to pay (see `TorchEngine`), true: or refuse to start, false: never.
+    # where it was measured to pay (`compile_by_default_reason`), true: or refuse to start, false: never.
     compile_decode: bool | None = None
     engine_options: dict[str, str] = Field(default_factory=dict)
     # Where downloads and conversions are kept (LLM_ENDPOINT_CACHE), and the optimum-intel converter that

@@ -23,7 +23,6 @@ def test_bench_runs_server_and_engine_direct(model_dir: Path, tmp_path: Path):
     result = subprocess.run(
         [sys.executable, "scripts/bench.py", "--model-dir", str(model_dir), "--backend", "scheduler", "--direct",
          "--api", "lmi,openai-chat", "--concurrency", "1,2", "--requests-per-level", "2", "--max-new-tokens", "4",
-         "--server-option", "compile_decode=false",  # its bf16 default would compile for ~2 min per process
          "--json", str(out), "--log-dir", str(tmp_path / "logs")],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )

@@ -471,7 +471,7 @@ def test_compiled_decode_tracks_fp32_at_least_as_closely_as_transformers_bf16_wi
     from tests.test_disconnect import wait_until
     from tests.test_prompt_lookup import GROUNDED
 
-    # compile_decode=None: the default, "auto", which compiles a bf16 Llama on the CPU
+    # compile_decode=None: the default, "auto", which compiles a bf16 Llama on the CPU at 8 slots (the harness's)
     harness = EngineHarness(model_dir, tokenizer, dtype=torch.bfloat16, compile_decode=None, compile_drafts=True,
                             prefill_tokens=16)
     graphs = counters["stats"]["unique_graphs"]  # those compiled at start-up
@@ -556,25 +556,31 @@ def test_compiled_decode_without_a_cpp_compiler_is_refused_at_start_up() -> None
 def test_compile_decode_auto_compiles_only_where_it_serves_and_was_measured(
     hf_model: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The default (`option.compile_decode=auto`): a bf16 Llama on the CPU with a C++ compiler is compiled;
-    fp32, a missing compiler, another device, attention sinks, or weights whose packed copy would take more
-    than an eighth of RAM stay eager, each with its reason for the start-up log."""
+    """The default (`option.compile_decode=auto`): a bf16 Llama on the CPU with a C++ compiler, serving at
+    most COMPILE_MAX_RUNNING sequences, is compiled; fp32, a missing compiler, another device, more slots,
+    attention sinks, or weights whose packed copy would take more than an eighth of RAM stay eager, each with
+    its reason for the start-up log."""
     import torch._inductor.config as inductor_config
 
     from llm_endpoint.backends.torch_engine import engine
 
+    def reason(model: Any, max_running: int = 8, sinks: bool = False) -> str:
+        return str(engine.compile_by_default_reason(model, max_running=max_running, attention_sinks=sinks))
+
     tiny = _tiny_llama()
-    assert engine.compile_by_default_reason(tiny, attention_sinks=False) is None
-    assert "bf16 or fp16" in str(engine.compile_by_default_reason(hf_model, attention_sinks=False))
-    assert "attention sinks" in str(engine.compile_by_default_reason(tiny, attention_sinks=True))
-    assert "not on meta" in str(engine.compile_by_default_reason(_tiny_llama().to("meta"), attention_sinks=False))
+    assert engine.compile_by_default_reason(tiny, max_running=1, attention_sinks=False) is None
+    assert engine.compile_by_default_reason(tiny, max_running=8, attention_sinks=False) is None
+    assert "at most 8 concurrent sequences (here option.max_rolling_batch_size=9)" in reason(tiny, max_running=9)
+    assert "bf16 or fp16" in reason(hf_model)
+    assert "attention sinks" in reason(tiny, sinks=True)
+    assert "not on meta" in reason(_tiny_llama().to("meta"))
     with inductor_config.patch({"cpp.cxx": (None, "no-such-c++-compiler")}):
-        assert "C++ compiler" in str(engine.compile_by_default_reason(tiny, attention_sinks=False))
+        assert "C++ compiler" in reason(tiny)
     weights = sum(p.numel() * p.element_size() for p in tiny.parameters())
     monkeypatch.setattr(engine, "_physical_memory", lambda: weights * 8)
-    assert engine.compile_by_default_reason(tiny, attention_sinks=False) is None
+    assert engine.compile_by_default_reason(tiny, max_running=8, attention_sinks=False) is None
     monkeypatch.setattr(engine, "_physical_memory", lambda: weights * 8 - 8)
-    assert "at most 12.5% of RAM" in str(engine.compile_by_default_reason(tiny, attention_sinks=False))
+    assert "at most 12.5% of RAM" in reason(tiny)
 
 
 def test_compiled_decode_keeps_every_projection_bias() -> None:

@@ -1,5 +1,5 @@
-"""Decode steps through torch.compile (`option.compile_decode`; by default wherever it serves, see
-`TorchEngine`): the same Llama-family arithmetic as `llama.LlamaForward`, written for inductor with frozen
+"""Decode steps through torch.compile (`option.compile_decode`; by default where it pays, see
+`engine.compile_by_default_reason`): the same Llama-family arithmetic as `llama.LlamaForward`, written for inductor with frozen
 weights and its C++ wrapper, for steps whose rows are all single decode tokens attending as one group, and
 a lone sequence's draft verification.
 

@@ -60,8 +60,11 @@ log = logging.getLogger(__name__)
 DEFAULT_PREFILL_TOKENS = 256
 DEFAULT_KV_CACHE_FRACTION = 0.25  # of physical memory, when option.kv_cache_space is not set
 DEFAULT_SESSION_FRACTION = 0.125  # of physical memory idle sessions may keep, when sessions_max_memory is not set
-# compile_decode=auto compiles only where its second, packed copy of the weights is at most this share of RAM
+# compile_decode=auto compiles only where its second, packed copy of the weights is at most this share of RAM,
+# and for at most this many concurrent sequences: serving 1, 4, 8 and 16 streams, a compiled server gave 1.20x,
+# 1.09x, 1.02x and 0.83-0.91x an eager one's tokens/s (README, Performance).
 COMPILE_WEIGHTS_FRACTION = 0.125
+COMPILE_MAX_RUNNING = 8
 
 
 def _physical_memory() -> int:
@@ -91,15 +94,18 @@ def kv_cache_blocks(
     return max(one_sequence, min(worst, budget))
 
 
-def compile_by_default_reason(model: Any, *, attention_sinks: bool) -> str | None:
+def compile_by_default_reason(model: Any, *, max_running: int, attention_sinks: bool) -> str | None:
     """Why `option.compile_decode=auto` leaves decode steps eager (None: it compiles them). Beyond what the
-    compiled step can serve at all: it was measured on CPUs only (on this 2-core Xeon, 1.17-1.25x a one-row
-    step, README), not with attention sinks, and its extra copy of the weights must be small beside RAM."""
+    compiled step can serve at all: it pays at a few streams, not at many; it was measured on CPUs only, not
+    with attention sinks; and its extra copy of the weights must be small beside RAM."""
     param = next(model.parameters())
     if reason := compiled_decode.unsupported_reason(model.config, param.dtype):
         return reason
     if param.device.type != "cpu":
         return f"compiles by default on CPUs only (measured there), not on {param.device.type}"
+    if max_running > COMPILE_MAX_RUNNING:
+        return (f"compiles by default for at most {COMPILE_MAX_RUNNING} concurrent sequences (here "
+                f"option.max_rolling_batch_size={max_running}), where it pays")
     if attention_sinks:
         return "compiles by default without attention sinks only (not measured with them)"
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -155,7 +161,8 @@ class TorchEngine:
                              "Llama-family forward (Llama, Mistral, Qwen2, SmolLM) with a fixed RoPE")
         if compile_decode is None:
             reason = ("needs our forward, and transformers' was asked for" if forward == "transformers"
-                      else compile_by_default_reason(model, attention_sinks=self.sinks is not None))
+                      else compile_by_default_reason(model, max_running=max_running,
+                                                     attention_sinks=self.sinks is not None))
             compile_decode = reason is None
             log.info("decode steps: %s (option.compile_decode=auto)", f"eager: it {reason}" if reason else "compiled")
         self.runner = ModelRunner(model, cache, forward="native" if self.sinks else forward,
