@@ -58,7 +58,6 @@ def _child(model_dir: str) -> dict[str, Any]:
         "OPTION_ROLLING_BATCH": "scheduler", "OPTION_DTYPE": "bf16", "OPTION_MAX_ROLLING_BATCH_SIZE": str(SLOTS),
         "OPTION_MAX_MODEL_LEN": str(MAX_MODEL_LEN),
         "OPTION_COMPILE_DECODE": "false",  # what is measured is the KV cache, not compiled weights
-
     })
     from llm_endpoint.backends.registry import create_backend
     from llm_endpoint.backends.types import GenerationRequest, SamplingParams

@@ -565,20 +565,23 @@ def test_compile_decode_auto_compiles_only_where_it_serves_and_was_measured(
     from llm_endpoint.backends.torch_engine import engine
 
     def reason(model: Any, max_running: int = 8, sinks: bool = False) -> str:
-        return str(engine.compile_by_default_reason(model, max_running=max_running, attention_sinks=sinks))
+        return str(engine.compile_by_default_reason(model, forward="auto", max_running=max_running,
+                                                    attention_sinks=sinks))
 
     tiny = _tiny_llama()
-    assert engine.compile_by_default_reason(tiny, max_running=1, attention_sinks=False) is None
-    assert engine.compile_by_default_reason(tiny, max_running=8, attention_sinks=False) is None
+    assert engine.compile_by_default_reason(tiny, forward="auto", max_running=1, attention_sinks=False) is None
+    assert engine.compile_by_default_reason(tiny, forward="auto", max_running=8, attention_sinks=False) is None
     assert "at most 8 concurrent sequences (here option.max_rolling_batch_size=9)" in reason(tiny, max_running=9)
     assert "bf16 or fp16" in reason(hf_model)
+    assert "transformers' was asked for" in str(engine.compile_by_default_reason(
+        tiny, forward="transformers", max_running=8, attention_sinks=False))
     assert "attention sinks" in reason(tiny, sinks=True)
     assert "not on meta" in reason(_tiny_llama().to("meta"))
     with inductor_config.patch({"cpp.cxx": (None, "no-such-c++-compiler")}):
         assert "C++ compiler" in reason(tiny)
     weights = sum(p.numel() * p.element_size() for p in tiny.parameters())
     monkeypatch.setattr(engine, "_physical_memory", lambda: weights * 8)
-    assert engine.compile_by_default_reason(tiny, max_running=8, attention_sinks=False) is None
+    assert engine.compile_by_default_reason(tiny, forward="auto", max_running=8, attention_sinks=False) is None
     monkeypatch.setattr(engine, "_physical_memory", lambda: weights * 8 - 8)
     assert "at most 12.5% of RAM" in reason(tiny)
 

@@ -1,7 +1,7 @@
 """Decode steps through torch.compile (`option.compile_decode`; by default where it pays, see
-`engine.compile_by_default_reason`): the same Llama-family arithmetic as `llama.LlamaForward`, written for inductor with frozen
-weights and its C++ wrapper, for steps whose rows are all single decode tokens attending as one group, and
-a lone sequence's draft verification.
+`engine.compile_by_default_reason`): the same Llama-family arithmetic as `llama.LlamaForward`, written for
+inductor with frozen weights and its C++ wrapper, for steps whose rows are all single decode tokens attending
+as one group, and a lone sequence's draft verification.
 
 Why: one stream here is bound by the ~420 small operator calls a decode step makes between its matmuls
 (norms, RoPE, cache writes, SiLU, residual adds; ~5.6 of ~20.5 ms at one row on the demo model, measured),
@@ -108,8 +108,11 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def unsupported_reason(config: Any, dtype: torch.dtype) -> str | None:
-    """Why the compiled step cannot serve this model (None: it can), in words that follow "compile_decode"."""
+def unsupported_reason(config: Any, dtype: torch.dtype, forward: str) -> str | None:
+    """Why the compiled step cannot serve this model (None: it can), in words that follow "compile_decode";
+    `forward` as `ModelRunner` takes it."""
+    if forward == "transformers":
+        return "needs our Llama-family forward, and transformers' was asked for"
     if (reason := llama.unsupported_reason(config)) or dtype == torch.float32:
         return ("needs our Llama-family forward (Llama, Mistral, Qwen2, SmolLM) in bf16 or fp16 (fp32 stays eager: "
                 f"it equals transformers bit for bit){'; here: ' + reason if reason else ''}")

@@ -94,12 +94,12 @@ def kv_cache_blocks(
     return max(one_sequence, min(worst, budget))
 
 
-def compile_by_default_reason(model: Any, *, max_running: int, attention_sinks: bool) -> str | None:
+def compile_by_default_reason(model: Any, *, forward: str, max_running: int, attention_sinks: bool) -> str | None:
     """Why `option.compile_decode=auto` leaves decode steps eager (None: it compiles them). Beyond what the
     compiled step can serve at all: it pays at a few streams, not at many; it was measured on CPUs only, not
     with attention sinks; and its extra copy of the weights must be small beside RAM."""
     param = next(model.parameters())
-    if reason := compiled_decode.unsupported_reason(model.config, param.dtype):
+    if reason := compiled_decode.unsupported_reason(model.config, param.dtype, forward):
         return reason
     if param.device.type != "cpu":
         return f"compiles by default on CPUs only (measured there), not on {param.device.type}"
@@ -160,9 +160,8 @@ class TorchEngine:
             raise ValueError(f"option.attention_sinks cannot serve this model ({reason}); it needs our "
                              "Llama-family forward (Llama, Mistral, Qwen2, SmolLM) with a fixed RoPE")
         if compile_decode is None:
-            reason = ("needs our forward, and transformers' was asked for" if forward == "transformers"
-                      else compile_by_default_reason(model, max_running=max_running,
-                                                     attention_sinks=self.sinks is not None))
+            reason = compile_by_default_reason(model, forward=forward, max_running=max_running,
+                                               attention_sinks=self.sinks is not None)
             compile_decode = reason is None
             log.info("decode steps: %s (option.compile_decode=auto)", f"eager: it {reason}" if reason else "compiled")
         self.runner = ModelRunner(model, cache, forward="native" if self.sinks else forward,

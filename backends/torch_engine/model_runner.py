@@ -58,10 +58,7 @@ class ModelRunner:
         self._decode: compiled_decode.CompiledDecode | None = None
         self.eager_steps = 0  # forward steps our eager forward ran (`/metrics`; compiled ones: `compiled_steps`)
         if compile_decode:
-            reason = compiled_decode.unsupported_reason(config, self._dtype)
-            if reason is None and not isinstance(self._forward, llama.LlamaForward):
-                reason = "needs our Llama-family forward, not transformers'"
-            if reason:
+            if reason := compiled_decode.unsupported_reason(config, self._dtype, forward):
                 raise ValueError(f"option.compile_decode {reason}; set it to auto or false")
             assert isinstance(self._forward, llama.LlamaForward)
             self._decode = compiled_decode.CompiledDecode(model, self._forward.rotary, drafts=compile_drafts)
