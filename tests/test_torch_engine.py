@@ -471,8 +471,8 @@ def test_compiled_decode_tracks_fp32_at_least_as_closely_as_transformers_bf16_wi
     from tests.test_disconnect import wait_until
     from tests.test_prompt_lookup import GROUNDED
 
-    # compile_decode=None: the default, "auto", which compiles a bf16 Llama on the CPU at 8 slots (the harness's)
-    harness = EngineHarness(model_dir, tokenizer, dtype=torch.bfloat16, compile_decode=None, compile_drafts=True,
+    # compile_decode=True: every graph (auto's default compiles the one-row graph only, a subset of these)
+    harness = EngineHarness(model_dir, tokenizer, dtype=torch.bfloat16, compile_decode=True, compile_drafts=True,
                             prefill_tokens=16)
     graphs = counters["stats"]["unique_graphs"]  # those compiled at start-up
     try:
@@ -556,34 +556,64 @@ def test_compiled_decode_without_a_cpp_compiler_is_refused_at_start_up() -> None
 def test_compile_decode_auto_compiles_only_where_it_serves_and_was_measured(
     hf_model: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The default (`option.compile_decode=auto`): a bf16 Llama on the CPU with a C++ compiler, serving at
-    most COMPILE_MAX_RUNNING sequences, is compiled; fp32, a missing compiler, another device, more slots,
-    attention sinks, or weights whose packed copy would take more than an eighth of RAM stay eager, each with
-    its reason for the start-up log."""
+    """The default (`option.compile_decode=auto`): a bf16 Llama on the CPU with a C++ compiler is compiled, at
+    any number of slots; fp32, a missing compiler, another device, attention sinks, or weights whose packed
+    copy would take more than an eighth of RAM stay eager, each with its reason for the start-up log."""
     import torch._inductor.config as inductor_config
 
     from llm_endpoint.backends.torch_engine import engine
 
-    def reason(model: Any, max_running: int = 8, sinks: bool = False) -> str:
-        return str(engine.compile_by_default_reason(model, forward="auto", max_running=max_running,
-                                                    attention_sinks=sinks))
+    def reason(model: Any, sinks: bool = False, forward: str = "auto") -> str:
+        return str(engine.compile_by_default_reason(model, forward=forward, attention_sinks=sinks))
 
     tiny = _tiny_llama()
-    assert engine.compile_by_default_reason(tiny, forward="auto", max_running=1, attention_sinks=False) is None
-    assert engine.compile_by_default_reason(tiny, forward="auto", max_running=8, attention_sinks=False) is None
-    assert "at most 8 concurrent sequences (here option.max_rolling_batch_size=9)" in reason(tiny, max_running=9)
+    assert engine.compile_by_default_reason(tiny, forward="auto", attention_sinks=False) is None
     assert "bf16 or fp16" in reason(hf_model)
-    assert "transformers' was asked for" in str(engine.compile_by_default_reason(
-        tiny, forward="transformers", max_running=8, attention_sinks=False))
+    assert "transformers' was asked for" in reason(tiny, forward="transformers")
     assert "attention sinks" in reason(tiny, sinks=True)
     assert "not on meta" in reason(_tiny_llama().to("meta"))
     with inductor_config.patch({"cpp.cxx": (None, "no-such-c++-compiler")}):
         assert "C++ compiler" in reason(tiny)
     weights = sum(p.numel() * p.element_size() for p in tiny.parameters())
     monkeypatch.setattr(engine, "_physical_memory", lambda: weights * 8)
-    assert engine.compile_by_default_reason(tiny, forward="auto", max_running=8, attention_sinks=False) is None
+    assert engine.compile_by_default_reason(tiny, forward="auto", attention_sinks=False) is None
     monkeypatch.setattr(engine, "_physical_memory", lambda: weights * 8 - 8)
     assert "at most 12.5% of RAM" in reason(tiny)
+
+
+def test_compile_decode_auto_compiles_a_lone_rows_steps_only(tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`auto` compiles only where compiling was measured to pay: a lone decode row (and, with prompt lookup,
+    a lone row's drafts); steps of several rows stay eager. `true` compiles those too."""
+    from llm_endpoint.backends.torch_engine import engine
+    from llm_endpoint.backends.torch_engine.block_cache import AttentionShape
+    from llm_endpoint.backends.torch_engine.compiled_decode import CompiledDecode
+
+    model = _tiny_llama()
+    group = AttentionShape.of(model.config).group
+
+    def step(rows: int, count: int = 1) -> ForwardBatch:
+        spans = [Span(r * count, count, 8, [2 * r, 2 * r + 1, 2 * r + 2]) for r in range(rows)]
+        return ForwardBatch.build(spans, [[1] * count] * rows, block_size=4, group=group, dtype=torch.bfloat16,
+                                  device=torch.device("cpu"))
+
+    lone = CompiledDecode(model, model.model.rotary_emb, several_rows=False, drafts=True)
+    every = CompiledDecode(model, model.model.rotary_emb, drafts=True)
+    assert lone.takes(step(1)) and every.takes(step(1))
+    assert not lone.takes(step(3)) and every.takes(step(3))
+    assert lone.takes(step(1, count=4)) and every.takes(step(1, count=4))
+
+    class Built(Exception):
+        """Stops the engine right after choosing what to compile, before any compile."""
+
+    def model_runner(*args: Any, **kwargs: Any) -> None:
+        raise Built(kwargs)
+
+    monkeypatch.setattr(engine, "ModelRunner", model_runner)
+    for compile_decode, expected in ((None, (True, False)), (True, (True, True)), (False, (False, True))):
+        with pytest.raises(Built) as built:
+            engine.TorchEngine(model, tokenizer, max_running=32, max_model_len=64, compile_decode=compile_decode)
+        chosen = built.value.args[0]
+        assert (chosen["compile_decode"], chosen["compile_several_rows"]) == expected, compile_decode
 
 
 def test_compiled_decode_keeps_every_projection_bias() -> None:

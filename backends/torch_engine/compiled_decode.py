@@ -1,4 +1,4 @@
-"""Decode steps through torch.compile (`option.compile_decode`; by default where it pays, see
+"""Decode steps through torch.compile (`option.compile_decode`; by default a lone row's steps only, see
 `engine.compile_by_default_reason`): the same Llama-family arithmetic as `llama.LlamaForward`, written for
 inductor with frozen weights and its C++ wrapper, for steps whose rows are all single decode tokens attending
 as one group, and a lone sequence's draft verification.
@@ -7,11 +7,13 @@ Why: one stream here is bound by the ~420 small operator calls a decode step mak
 (norms, RoPE, cache writes, SiLU, residual adds; ~5.6 of ~20.5 ms at one row on the demo model, measured),
 which eager PyTorch cannot fuse. Inductor fuses them into a few C++ kernels, packs the weights for oneDNN
 itself (freezing) and calls everything from C++ (cpp_wrapper): 16.5 ms against 20.8 ms for our eager
-forward in the same process (README, Performance). The cost: one compile per graph (one row, any other row
-count, and a drafting row; ~30-75 s each, done at start-up; inductor's on-disk cache cannot keep them, since
-the packed weights do not pickle), and inductor's packed copy of the weights beside the eager ones (prefill
-chunks stay eager). In fp32 our eager forward equals transformers' bit for bit and this one would not, so it
-serves bf16/fp16 only.
+forward in the same process (README, Performance). From a few rows on, the matmuls and the attention
+dominate and the compiled step is no faster than the eager one (in one process: 1.2x at one and two rows,
+~1.0x at 4 to 32), which is why `auto` compiles a lone row's steps only. The cost: one compile per graph
+(one row, any other row count, and a drafting row; ~30-75 s each, done at start-up; inductor's on-disk cache
+cannot keep them, since the packed weights do not pickle), and inductor's packed copy of the weights beside
+the eager ones (prefill chunks stay eager). In fp32 our eager forward equals transformers' bit for bit and
+this one would not, so it serves bf16/fp16 only.
 """
 
 from __future__ import annotations
@@ -123,14 +125,16 @@ def unsupported_reason(config: Any, dtype: torch.dtype, forward: str) -> str | N
 
 
 class CompiledDecode:
-    """The compiled step, and which batches it takes. Compiled at start-up (`warm_up`) for one row, for any
-    other row count, and (with `drafts`) for one span of several tokens, each for any block-table width, so
-    no request waits for a compile."""
+    """The compiled step, and which batches it takes. Compiled at start-up (`warm_up`) for one row, (with
+    `several_rows`) for any other row count, and (with `drafts`) for one span of several tokens, each for
+    any block-table width, so no request waits for a compile."""
 
-    def __init__(self, model: Any, rotary: Any, *, drafts: bool = False) -> None:
-        """`drafts`: also compile a lone sequence's verification of prompt lookup's drafts (a span of 2-65
-        tokens), which at one stream would otherwise cost an eager step for every compiled one it saves."""
+    def __init__(self, model: Any, rotary: Any, *, several_rows: bool = True, drafts: bool = False) -> None:
+        """`several_rows`: also compile steps of several decode rows (else only a lone row's); `drafts`: also
+        compile a lone sequence's verification of prompt lookup's drafts (a span of 2-65 tokens), which at one
+        stream would otherwise cost an eager step for every compiled one it saves."""
         self.rotary = rotary
+        self.several_rows = several_rows
         self.drafts = drafts
         self._graph = _DecodeGraph(model).eval()
         # the sizes that vary are marked on every call; the rest (the pools above all) stay static
@@ -138,13 +142,16 @@ class CompiledDecode:
         self.steps: Counter[str] = Counter()  # steps served (not warm-ups): "rows" (decode rows) or "span"
 
     def takes(self, batch: ForwardBatch) -> bool:
-        """One attention group over at least two blocks, of decode rows or (with `drafts`) of one span of up
-        to GROUPED_MAX_TOKENS tokens; anything else stays eager (a size of 1 would compile a graph of its own,
-        and several drafting spans at once are rare enough not to be worth one)."""
+        """One attention group over at least two blocks, of one decode row (or, with `several_rows`, any
+        number) or (with `drafts`) of one span of up to GROUPED_MAX_TOKENS tokens; anything else stays eager
+        (a size of 1 would compile a graph of its own, and several drafting spans at once are rare enough not
+        to be worth one)."""
         if len(batch.groups) != 1 or batch.groups[0].tables.shape[1] < 2:
             return False
         spans, count = batch.groups[0].tables.shape[0], batch.groups[0].count
-        return count == 1 or (self.drafts and spans == 1 and count <= GROUPED_MAX_TOKENS)
+        if count == 1:
+            return spans == 1 or self.several_rows
+        return self.drafts and spans == 1 and count <= GROUPED_MAX_TOKENS
 
     def __call__(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
         self.steps["span" if batch.groups[0].count > 1 else "rows"] += 1
@@ -173,7 +180,9 @@ class CompiledDecode:
 
         Sizes of 0 and 1 are compiled as constants, and equal dynamic sizes are assumed to stay equal, so
         the rows, span length and block-table width used here differ from each other."""
-        shapes = [(1, 1, "one row"), (_WARM_UP_ROWS, 1, "several rows")]
+        shapes = [(1, 1, "one row")]
+        if self.several_rows:
+            shapes.append((_WARM_UP_ROWS, 1, "several rows"))
         if self.drafts:
             shapes.append((1, _WARM_UP_SPAN, "a drafting row"))
         for rows, count, what in shapes:

@@ -60,11 +60,8 @@ log = logging.getLogger(__name__)
 DEFAULT_PREFILL_TOKENS = 256
 DEFAULT_KV_CACHE_FRACTION = 0.25  # of physical memory, when option.kv_cache_space is not set
 DEFAULT_SESSION_FRACTION = 0.125  # of physical memory idle sessions may keep, when sessions_max_memory is not set
-# compile_decode=auto compiles only where its second, packed copy of the weights is at most this share of RAM,
-# and for at most this many concurrent sequences: serving 1, 4, 8 and 16 streams, a compiled server gave 1.20x,
-# 1.09x, 1.02x and 0.83-0.91x an eager one's tokens/s (README, Performance).
+# compile_decode=auto compiles only where its second, packed copy of the weights is at most this share of RAM
 COMPILE_WEIGHTS_FRACTION = 0.125
-COMPILE_MAX_RUNNING = 8
 
 
 def _physical_memory() -> int:
@@ -94,18 +91,16 @@ def kv_cache_blocks(
     return max(one_sequence, min(worst, budget))
 
 
-def compile_by_default_reason(model: Any, *, forward: str, max_running: int, attention_sinks: bool) -> str | None:
-    """Why `option.compile_decode=auto` leaves decode steps eager (None: it compiles them). Beyond what the
-    compiled step can serve at all: it pays at a few streams, not at many; it was measured on CPUs only, not
-    with attention sinks; and its extra copy of the weights must be small beside RAM."""
+def compile_by_default_reason(model: Any, *, forward: str, attention_sinks: bool) -> str | None:
+    """Why `option.compile_decode=auto` leaves decode steps eager (None: it compiles a lone row's steps, the
+    only ones where compiling was measured to pay; README, Performance). Beyond what the compiled step can
+    serve at all: it was measured on CPUs only, not with attention sinks; and its extra copy of the weights
+    must be small beside RAM."""
     param = next(model.parameters())
     if reason := compiled_decode.unsupported_reason(model.config, param.dtype, forward):
         return reason
     if param.device.type != "cpu":
         return f"compiles by default on CPUs only (measured there), not on {param.device.type}"
-    if max_running > COMPILE_MAX_RUNNING:
-        return (f"compiles by default for at most {COMPILE_MAX_RUNNING} concurrent sequences (here "
-                f"option.max_rolling_batch_size={max_running}), where it pays")
     if attention_sinks:
         return "compiles by default without attention sinks only (not measured with them)"
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -137,8 +132,8 @@ class TorchEngine:
         """`attention_sinks`: (sinks, window) for StreamingLLM, None for dense attention; `session_space`:
         bytes of KV idle sessions may keep (None: DEFAULT_SESSION_FRACTION of RAM); `compile_decode`: decode
         steps through torch.compile, compiled here (see `compiled_decode`; None: unless
-        `compile_by_default_reason` gives one), and with `compile_drafts` (prompt lookup on by default) a lone
-        sequence's draft verification too."""
+        `compile_by_default_reason` gives one, and then a lone row's steps only), and with `compile_drafts`
+        (prompt lookup on by default) a lone sequence's draft verification too."""
         config = model.config
         param = next(model.parameters())
         shape = AttentionShape.of(config)
@@ -159,13 +154,15 @@ class TorchEngine:
         if self.sinks and (reason := llama.unsupported_reason(config) or rope_unsupported_reason(config)):
             raise ValueError(f"option.attention_sinks cannot serve this model ({reason}); it needs our "
                              "Llama-family forward (Llama, Mistral, Qwen2, SmolLM) with a fixed RoPE")
+        several_rows = True  # what an explicit compile_decode=true compiles; auto leaves several rows eager
         if compile_decode is None:
-            reason = compile_by_default_reason(model, forward=forward, max_running=max_running,
-                                               attention_sinks=self.sinks is not None)
-            compile_decode = reason is None
-            log.info("decode steps: %s (option.compile_decode=auto)", f"eager: it {reason}" if reason else "compiled")
+            reason = compile_by_default_reason(model, forward=forward, attention_sinks=self.sinks is not None)
+            compile_decode, several_rows = reason is None, False
+            log.info("decode steps: %s (option.compile_decode=auto)",
+                     f"eager: it {reason}" if reason else "a lone row's compiled, several rows' eager")
         self.runner = ModelRunner(model, cache, forward="native" if self.sinks else forward,
-                                  compile_decode=compile_decode, compile_drafts=compile_drafts)
+                                  compile_decode=compile_decode, compile_several_rows=several_rows,
+                                  compile_drafts=compile_drafts)
         if compile_decode:
             warm_up_blocks = list(range(min(64, num_blocks)))
             with torch.inference_mode():  # the mode every step runs in, so the compiled graphs' guards hold

@@ -32,11 +32,12 @@ class ChunkResult:
 class ModelRunner:
     def __init__(
         self, model: Any, cache: PagedKVCache, *, forward: str = "auto", compile_decode: bool = False,
-        compile_drafts: bool = False,
+        compile_several_rows: bool = True, compile_drafts: bool = False,
     ) -> None:
         """`forward`: "native" (our Llama-family forward), "transformers", or "auto" (native when it fits);
-        `compile_decode`: decode-only steps through `CompiledDecode` (our forward in bf16/fp16 only), and with
-        `compile_drafts` a lone sequence's draft verification too."""
+        `compile_decode`: a lone decode row's steps through `CompiledDecode` (our forward in bf16/fp16 only),
+        with `compile_several_rows` steps of several decode rows, and with `compile_drafts` a lone sequence's
+        draft verification too."""
         self.cache = cache
         config = model.config
         reason = llama.unsupported_reason(config)
@@ -61,7 +62,8 @@ class ModelRunner:
             if reason := compiled_decode.unsupported_reason(config, self._dtype, forward):
                 raise ValueError(f"option.compile_decode {reason}; set it to auto or false")
             assert isinstance(self._forward, llama.LlamaForward)
-            self._decode = compiled_decode.CompiledDecode(model, self._forward.rotary, drafts=compile_drafts)
+            self._decode = compiled_decode.CompiledDecode(model, self._forward.rotary, several_rows=compile_several_rows,
+                                                          drafts=compile_drafts)
 
     def warm_up(self, blocks: list[int]) -> None:
         """Compile what is compiled before the first request, writing into `blocks` (the caller clears them)."""
