@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Before/after timing of our engine's forward: another revision's engine modules against the working
-tree's, in one process, on the demo model, alternating call by call (so drift on a shared machine hits both).
+tree's (or, with `--compiled`, the tree's eager forward against its `CompiledDecode` step), in one process,
+on the demo model, alternating call by call (so drift on a shared machine hits both).
 
 Whole-server comparisons (`bench.py`) need minutes per level and move by 10-20% between runs on these
 machines; a change to the forward is judged faster here first. The other revision is checked out into a
@@ -9,9 +10,10 @@ temporary git worktree and its forward's modules (`MODULES`) are loaded beside o
 Usage (repository root, quiet machine):
 
     .venv/bin/python scripts/ab_forward.py --base HEAD~1 [--rows 1,16] [--context 200] [--dtype bf16]
+    .venv/bin/python scripts/ab_forward.py --compiled --rows 1,2,4,8,16,32   # what option.compile_decode buys
 
 Prints, per row count, the median forward (plus LM head) time of each side, the ratio, and whether the two
-outputs are bit-identical.
+outputs are bit-identical (a compiled step is not: its largest difference in logits is printed instead).
 """
 
 from __future__ import annotations
@@ -54,9 +56,10 @@ def _load_revision(tree: Path) -> dict[str, ModuleType]:
     return loaded
 
 
-def _side(modules: dict[str, Any], model: Any, rows: int, context: int, dtype: torch.dtype) -> Callable[[], Any]:
-    """One step of `modules`' forward plus the LM head, on its own cache, over `rows` decode rows
-    `context` tokens deep."""
+def _side(modules: dict[str, Any], model: Any, rows: int, context: int, dtype: torch.dtype,
+          forward: Callable[[Any, Any], torch.Tensor] | None = None) -> Callable[[], Any]:
+    """One step of `modules`' forward (or of `forward`, e.g. a compiled step) plus the LM head, on its own
+    cache, over `rows` decode rows `context` tokens deep."""
     ForwardBatch, Span = modules["forward_batch"].ForwardBatch, modules["forward_batch"].Span
     shape = modules["block_cache"].AttentionShape.of(model.config)
     per_row = context // 16 + 2
@@ -67,13 +70,29 @@ def _side(modules: dict[str, Any], model: Any, rows: int, context: int, dtype: t
     spans = [Span(r, 1, context + r, list(range(r * per_row, (r + 1) * per_row))) for r in range(rows)]
     batch = ForwardBatch.build(spans, [[100 + r] for r in range(rows)], block_size=16, group=shape.group,
                                dtype=dtype, device=torch.device("cpu"))
-    forward = modules["llama"].LlamaForward(model)
-    return lambda: model.lm_head(forward(batch, cache)).float()
+    step = forward or modules["llama"].LlamaForward(model)
+    return lambda: model.lm_head(step(batch, cache)).float()
+
+
+def _compiled_step(ours: dict[str, Any], model: Any, dtype: torch.dtype) -> Callable[[Any, Any], torch.Tensor]:
+    """The working tree's compiled step for any row count, compiled here (a few minutes) on a scratch cache."""
+    from llm_endpoint.backends.torch_engine.compiled_decode import CompiledDecode
+
+    shape = ours["block_cache"].AttentionShape.of(model.config)
+    decode = CompiledDecode(model, model.model.rotary_emb)
+    scratch = ours["block_cache"].PagedKVCache(
+        num_layers=shape.layers, num_blocks=64, block_size=16, num_kv_heads=shape.kv_heads, head_dim=shape.head_dim,
+        dtype=dtype, device=torch.device("cpu"))
+    decode.warm_up(scratch, list(range(64)), shape.group)
+    return decode
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", required=True, help="the revision to compare against (e.g. HEAD~1)")
+    against = parser.add_mutually_exclusive_group(required=True)
+    against.add_argument("--base", help="the revision to compare against (e.g. HEAD~1)")
+    against.add_argument("--compiled", action="store_true",
+                         help="compare the tree's eager forward against its compiled step (bf16/fp16 only)")
     parser.add_argument("--rows", default="1,16", help="decode rows per step, comma-separated")
     parser.add_argument("--context", type=int, default=200, help="tokens already in each row's cache")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
@@ -93,21 +112,22 @@ def main() -> None:
     model_dir = Path(args.model_dir) if args.model_dir else prepare_demo_model(cache_root(os.environ))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation=attention.NAME)
     model.eval()
-    with tempfile.TemporaryDirectory() as scratch:
-        tree = Path(scratch) / "base"
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), args.base],
-                       check=True, capture_output=True)
-        try:
-            base = _load_revision(tree)
-        finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=True)
     ours = {name: importlib.import_module(f"llm_endpoint.backends.torch_engine.{name}") for name in MODULES}
-    print(f"base {args.base} against the working tree, {args.dtype}, context {args.context}")
     with torch.inference_mode():
+        if args.compiled:
+            compiled = _compiled_step(ours, model, dtype)
+            print(f"the working tree's compiled step (base) against its eager forward (tree), {args.dtype}, "
+                  f"context {args.context}")
+        else:
+            base = _base_modules(args.base)
+            print(f"base {args.base} against the working tree, {args.dtype}, context {args.context}")
         for rows in (int(r) for r in args.rows.split(",")):
-            sides = {"base": _side(base, model, rows, args.context, dtype),
+            sides = {"base": (_side(ours, model, rows, args.context, dtype, compiled) if args.compiled
+                              else _side(base, model, rows, args.context, dtype)),
                      "tree": _side(ours, model, rows, args.context, dtype)}
-            identical = torch.equal(sides["base"](), sides["tree"]())
+            base_out, tree_out = sides["base"](), sides["tree"]()
+            outputs = ("bit-identical" if torch.equal(base_out, tree_out)
+                       else f"differ (largest logit difference {(base_out - tree_out).abs().max().item():.3g})")
             times: dict[str, list[float]] = {name: [] for name in sides}
             for i in range(args.calls + 3):
                 for name in (("base", "tree") if i % 2 else ("tree", "base")):
@@ -117,7 +137,19 @@ def main() -> None:
                         times[name].append(time.perf_counter() - started)
             base_ms, tree_ms = (statistics.median(times[n]) * 1e3 for n in ("base", "tree"))
             print(f"rows {rows}: base {base_ms:.2f} ms, tree {tree_ms:.2f} ms, base/tree {base_ms / tree_ms:.3f}x, "
-                  f"outputs {'bit-identical' if identical else 'differ'}")
+                  f"outputs {outputs}")
+
+
+def _base_modules(revision: str) -> dict[str, ModuleType]:
+    """`revision`'s engine modules, from a temporary worktree."""
+    with tempfile.TemporaryDirectory() as scratch:
+        tree = Path(scratch) / "base"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), revision],
+                       check=True, capture_output=True)
+        try:
+            return _load_revision(tree)
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=True)
 
 
 if __name__ == "__main__":
