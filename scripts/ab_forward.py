@@ -62,7 +62,7 @@ def _side(modules: dict[str, Any], model: Any, rows: int, context: int, dtype: t
     cache, over `rows` decode rows `context` tokens deep."""
     ForwardBatch, Span = modules["forward_batch"].ForwardBatch, modules["forward_batch"].Span
     shape = modules["block_cache"].AttentionShape.of(model.config)
-    per_row = context // 16 + 2
+    per_row = (context + rows) // 16 + 1  # row r's new token sits at position context + r
     cache = modules["block_cache"].PagedKVCache(
         num_layers=shape.layers, num_blocks=rows * per_row, block_size=16, num_kv_heads=shape.kv_heads,
         head_dim=shape.head_dim, dtype=dtype, device=torch.device("cpu"))
