@@ -8,8 +8,8 @@ Why: one stream here is bound by the ~420 small operator calls a decode step mak
 which eager PyTorch cannot fuse. Inductor fuses them into a few C++ kernels, packs the weights for oneDNN
 itself (freezing) and calls everything from C++ (cpp_wrapper): 16.5 ms against 20.8 ms for our eager
 forward in the same process (README, Performance). From a few rows on, the matmuls and the attention
-dominate and the compiled step is no faster than the eager one (in one process: 1.2x at one and two rows,
-~1.0x at 4 to 32), which is why `auto` compiles a lone row's steps only. The cost: one compile per graph
+dominate and the compiled step is no faster than the eager one (in one process: 1.07-1.24x at one and two rows,
+0.98-1.10x at 4 to 32), which is why `auto` compiles a lone row's steps only. The cost: one compile per graph
 (one row, any other row count, and a drafting row; ~30-75 s each, done at start-up; inductor's on-disk cache
 cannot keep them, since the packed weights do not pickle), and inductor's packed copy of the weights beside
 the eager ones (prefill chunks stay eager). In fp32 our eager forward equals transformers' bit for bit and
