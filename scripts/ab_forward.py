@@ -115,15 +115,14 @@ def main() -> None:
     ours = {name: importlib.import_module(f"llm_endpoint.backends.torch_engine.{name}") for name in MODULES}
     with torch.inference_mode():
         if args.compiled:
-            compiled = _compiled_step(ours, model, dtype)
+            base, base_forward = ours, _compiled_step(ours, model, dtype)
             print(f"the working tree's compiled step (base) against its eager forward (tree), {args.dtype}, "
                   f"context {args.context}")
         else:
-            base = _base_modules(args.base)
+            base, base_forward = _base_modules(args.base), None
             print(f"base {args.base} against the working tree, {args.dtype}, context {args.context}")
         for rows in (int(r) for r in args.rows.split(",")):
-            sides = {"base": (_side(ours, model, rows, args.context, dtype, compiled) if args.compiled
-                              else _side(base, model, rows, args.context, dtype)),
+            sides = {"base": _side(base, model, rows, args.context, dtype, base_forward),
                      "tree": _side(ours, model, rows, args.context, dtype)}
             base_out, tree_out = sides["base"](), sides["tree"]()
             outputs = ("bit-identical" if torch.equal(base_out, tree_out)
