@@ -9,11 +9,16 @@ which eager PyTorch cannot fuse. Inductor fuses them into a few C++ kernels, pac
 itself (freezing) and calls everything from C++ (cpp_wrapper): 16.5 ms against 20.8 ms for our eager
 forward in the same process (README, Performance). From a few rows on, the matmuls and the attention
 dominate and the compiled step is no faster than the eager one (in one process: 1.07-1.24x at one and two rows,
-0.98-1.10x at 4 to 32), which is why `auto` compiles a lone row's steps only. The cost: one compile per graph
-(one row, any other row count, and a drafting row; ~30-75 s each, done at start-up; inductor's on-disk cache
-cannot keep them, since the packed weights do not pickle), and inductor's packed copy of the weights beside
-the eager ones (prefill chunks stay eager). In fp32 our eager forward equals transformers' bit for bit and
-this one would not, so it serves bf16/fp16 only.
+0.98-1.10x at 4 to 32), which is why `auto` compiles a lone row's steps only. In the one-row graph the
+projections are our AVX-512 BF16 kernel (`gemv`) where it runs, not oneDNN: there the step is nearly all
+matrix-vector products, which the kernel streams at close to the memory bandwidth (on a 2-core AMD EPYC Zen 5,
+against our eager forward in the same process: 1.38-1.45x with the kernel, 1.14-1.21x with oneDNN). The cost:
+one compile per graph (one row, any other row count, and a drafting row; ~30-75 s each, done at start-up;
+inductor's on-disk cache cannot keep them, since the packed weights do not pickle), and a copy of the weights
+beside the eager ones (inductor's packed one for several rows and drafts; the fused q/k/v and gate/up weights
+for the kernel; prefill chunks stay eager).
+In fp32 our eager forward equals transformers' bit for bit and this one would not, so it serves bf16/fp16
+only.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 
-from llm_endpoint.backends.torch_engine import llama
+from llm_endpoint.backends.torch_engine import gemv, llama
 from llm_endpoint.backends.torch_engine.block_cache import AttentionShape, PagedKVCache
 from llm_endpoint.backends.torch_engine.forward_batch import GROUPED_MAX_TOKENS, ForwardBatch, Span
 
@@ -40,16 +45,21 @@ _WARM_UP_ROWS, _WARM_UP_SPAN, _WARM_UP_WIDTH = 7, 3, 5
 
 class _Linears(torch.nn.Module):
     """One projection per layer, with its bias where the checkpoint has one (Qwen2's q/k/v; Llama's
-    `attention_bias` and `mlp_bias`)."""
+    `attention_bias` and `mlp_bias`). A lone row goes through our bf16 kernel where it runs (`gemv`: ~1.25x
+    oneDNN's products at one row), more rows through oneDNN (freezing packs the weights for it)."""
 
     def __init__(self, projections: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
         super().__init__()
         self.weights = _parameters([w for w, _ in projections])
         self.biased = all(b is not None for _, b in projections)
         self.biases = _parameters([b for _, b in projections if b is not None] if self.biased else [])
+        self.one_row_kernel = gemv.available(projections[0][0])
 
     def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weights[layer], self.biases[layer] if self.biased else None)
+        bias = self.biases[layer] if self.biased else None
+        if self.one_row_kernel and x.shape[0] == 1:  # a graph's row count is static: decided while tracing
+            return gemv.bf16_gemv(x, self.weights[layer], bias)
+        return F.linear(x, self.weights[layer], bias)
 
 
 def _parameters(tensors: list[torch.Tensor]) -> torch.nn.ParameterList:
