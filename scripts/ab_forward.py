@@ -58,8 +58,8 @@ def _load_revision(tree: Path) -> dict[str, ModuleType]:
 
 def _side(modules: dict[str, Any], model: Any, rows: int, context: int, dtype: torch.dtype,
           forward: Callable[[Any, Any], torch.Tensor] | None = None) -> Callable[[], Any]:
-    """One step of `modules`' forward (or of `forward`, e.g. a compiled step) plus the LM head, on its own
-    cache, over `rows` decode rows `context` tokens deep."""
+    """One step of `modules`' forward (or of `forward`, e.g. a compiled step) plus the LM head (packed for
+    oneDNN, as `ModelRunner` has it), on its own cache, over `rows` decode rows `context` tokens deep."""
     ForwardBatch, Span = modules["forward_batch"].ForwardBatch, modules["forward_batch"].Span
     shape = modules["block_cache"].AttentionShape.of(model.config)
     per_row = (context + rows) // 16 + 1  # row r's new token sits at position context + r
@@ -71,7 +71,8 @@ def _side(modules: dict[str, Any], model: Any, rows: int, context: int, dtype: t
     batch = ForwardBatch.build(spans, [[100 + r] for r in range(rows)], block_size=16, group=shape.group,
                                dtype=dtype, device=torch.device("cpu"))
     step = forward or modules["llama"].LlamaForward(model)
-    return lambda: model.lm_head(step(batch, cache)).float()
+    head = modules["linear"].PackedLinear(model.lm_head.weight, model.lm_head.bias)  # as the engine's runner
+    return lambda: head(step(batch, cache)).float()
 
 
 def _compiled_step(ours: dict[str, Any], model: Any, dtype: torch.dtype) -> Callable[[Any, Any], torch.Tensor]:
