@@ -45,7 +45,7 @@ _WARM_UP_ROWS, _WARM_UP_SPAN, _WARM_UP_WIDTH = 7, 3, 5
 
 class _Linears(torch.nn.Module):
     """One projection per layer, with its bias where the checkpoint has one (Qwen2's q/k/v; Llama's
-    `attention_bias` and `mlp_bias`). A lone row goes through our bf16 kernel where it runs (`gemv`: ~1.25x
+    `attention_bias` and `mlp_bias`). A lone row goes through our bf16 kernel where it runs (`gemv`: ~1.17x
     oneDNN's products at one row), more rows through oneDNN (freezing packs the weights for it)."""
 
     def __init__(self, projections: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
