@@ -16,9 +16,8 @@ against our eager forward in the same process: 1.38-1.45x with the kernel, 1.14-
 one compile per graph (one row, any other row count, and a drafting row; ~30-75 s each, done at start-up;
 inductor's on-disk cache cannot keep them, since the packed weights do not pickle), and a copy of the weights
 beside the eager ones (inductor's packed one for several rows and drafts; the fused q/k/v and gate/up weights
-for the kernel; prefill chunks stay eager).
-In fp32 our eager forward equals transformers' bit for bit and this one would not, so it serves bf16/fp16
-only.
+for the kernel; prefill chunks stay eager). In fp32 our eager forward equals transformers' bit for bit and
+this one would not, so it serves bf16/fp16 only.
 """
 
 from __future__ import annotations
